@@ -1,0 +1,171 @@
+"""The ``liverseg`` command: subcommands only, each a few lines of wiring.
+
+Errors of the user's input (:class:`liverseg.errors.LiversegError`) become one line on stderr and
+exit code 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from liverseg.errors import LiversegError
+
+
+def _phantoms(args: argparse.Namespace) -> int:
+    from liverseg.phantoms import write_dataset
+
+    write_dataset(
+        args.out_dir,
+        cases=args.cases,
+        shape=tuple(args.shape),
+        seed=args.seed,
+        test_cases=args.test_cases,
+        junk=args.junk,
+    )
+    print(f"wrote {args.cases} phantom cases to {args.out_dir}")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from liverseg.cases import check_dataset, format_problems, has_errors
+
+    problems = check_dataset(
+        args.data_dir,
+        affine_tolerance_mm=args.affine_tolerance_mm,
+        copy_label_geometry=args.copy_label_geometry,
+    )
+    print(format_problems(problems))
+    return 1 if has_errors(problems) else 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from liverseg.prepare import prepare_dataset
+
+    summary = prepare_dataset(args.src_dir, args.out_dir, factor=args.factor, workers=args.workers)
+    print(summary)
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from liverseg.config import load_config
+    from liverseg.train import fit
+
+    fit(load_config(args.config, tuple(args.overrides)))
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from liverseg.predict import predict_paths
+
+    failures = predict_paths(
+        args.checkpoint,
+        args.inputs,
+        args.out,
+        overwrite=args.overwrite,
+        prepared=args.prepared,
+        device=args.device,
+    )
+    for path, message in failures:
+        print(f"error: {path}: {message}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from liverseg.evaluation import evaluate_folders
+
+    print(evaluate_folders(args.pred_dir, args.gt_dir, out_csv=args.out))
+    return 0
+
+
+def _animate(args: argparse.Namespace) -> int:
+    from liverseg.visualize import animate_files
+
+    animate_files(args.ct, seg=args.seg, truth=args.truth, out=args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``liverseg`` command."""
+    parser = argparse.ArgumentParser(prog="liverseg", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("phantoms", help="write synthetic abdominal CTs in Task03 layout")
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--cases", type=int, default=8)
+    p.add_argument("--shape", type=int, nargs=3, default=(128, 128, 96), metavar=("X", "Y", "Z"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--test-cases", type=int, default=2, help="unlabeled cases in imagesTs/")
+    p.add_argument("--junk", action="store_true", help="also write macOS ._ files")
+    p.set_defaults(func=_phantoms)
+
+    p = sub.add_parser("check", help="the data doctor: find every problem of a Task03 folder")
+    p.add_argument("data_dir", type=Path)
+    p.add_argument("--affine-tolerance-mm", type=float, default=0.01)
+    p.add_argument(
+        "--copy-label-geometry",
+        action="store_true",
+        help="accept label affines that differ from the image's (the image's is used)",
+    )
+    p.set_defaults(func=_check)
+
+    p = sub.add_parser("prepare", help="halve every axis of a Task03 folder (resumable)")
+    p.add_argument("src_dir", type=Path)
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--factor", type=int, default=2)
+    p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
+    p.set_defaults(func=_prepare)
+
+    p = sub.add_parser("train", help="train a model (same as python main.py)")
+    p.add_argument("--config", type=Path, default=None)
+    p.add_argument("overrides", nargs="*", help="key.sub=value")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("predict", help="segment CT volumes with a checkpoint")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("inputs", type=Path, nargs="+", help="NIfTI files or folders of them")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--prepared", action="store_true", help="inputs were already reduced by `liverseg prepare`"
+    )
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_predict)
+
+    p = sub.add_parser("evaluate", help="Dice, VOE, RVD, ASSD, HD95 and lesion detection")
+    p.add_argument("pred_dir", type=Path)
+    p.add_argument("gt_dir", type=Path)
+    p.add_argument("--out", type=Path, default=None, help="metrics CSV")
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("animate", help="animate axial slices: liver purple, tumor yellow")
+    p.add_argument("ct", type=Path)
+    p.add_argument("--seg", type=Path, default=None)
+    p.add_argument("--truth", type=Path, default=None)
+    p.add_argument("--out", type=Path, required=True, help="FILE.gif or FILE.html")
+    p.set_defaults(func=_animate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose or args.command == "train" else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except LiversegError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

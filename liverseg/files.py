@@ -1,0 +1,60 @@
+"""Crash-safe file writing: write to a temporary name in the same folder, then rename."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds.
+
+    A crash or exception inside the block leaves ``path`` as it was (absent or the old file)
+    and removes the temporary file. The temporary name keeps the final suffixes, so writers
+    that infer the format from the extension (``.nii.gz``) still work.
+
+    Args:
+        path: Final destination.
+
+    Yields:
+        The temporary path to write to.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent
+    )
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path) -> Path:
+    """Write a 3D array as NIfTI atomically.
+
+    Args:
+        array: Voxel data, shape ``(W, H, D)``; its dtype is kept (int16 HU, uint8 labels).
+        affine: 4 x 4 voxel-to-scanner (RAS+) matrix in mm.
+        path: Destination ``.nii`` or ``.nii.gz``.
+
+    Returns:
+        The destination path.
+    """
+    image = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
+    image.header.set_data_dtype(np.asarray(array).dtype)
+    with atomic_path(path) as tmp:
+        nib.save(image, str(tmp))
+    return Path(path)
