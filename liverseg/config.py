@@ -26,7 +26,7 @@ class DataConfig:
 
     root: str = "data/Task03_Liver_half"
     num_train: int = 105
-    split_file: Optional[str] = None
+    split_file: str | None = None
     split_seed: int = 0
     # How much the volumes under `root` were reduced by `liverseg prepare` (1: originals).
     # Inference on an original-resolution volume predicts at 1/factor and resamples back.
@@ -45,7 +45,7 @@ class DataConfig:
     scales: tuple[float, float] = (0.9, 1.1)
     degrees: tuple[float, float] = (-10.0, 10.0)
     # Preprocessed arrays are cached here (default: <run.dir>/cache).
-    cache_dir: Optional[str] = None
+    cache_dir: str | None = None
     # Label affines that differ from the image's by more than this (mm) are an error,
     # unless copy_label_geometry is true.
     affine_tolerance_mm: float = 0.01
@@ -254,7 +254,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def load_config(path: Optional[str | Path] = None, overrides: tuple = ()) -> Config:
+def load_config(path: str | Path | None = None, overrides: tuple = ()) -> Config:
     """Resolve defaults, then the YAML file at ``path``, then dotted overrides.
 
     Args:
