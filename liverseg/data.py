@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import random
+import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -196,8 +197,11 @@ def build_subject(cached: CachedCase) -> tio.Subject:
         ``case_id``; the affine holds the spacing only (the arrays are canonical).
     """
     affine = np.diag([*cached.spacing_mm, 1.0])
-    image = torch.from_numpy(np.load(cached.image, mmap_mode="r")[None])
-    label = torch.from_numpy(np.load(cached.label, mmap_mode="r")[None])
+    with warnings.catch_warnings():
+        # The read-only memory map is never written: patches are copied out of it.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        image = torch.from_numpy(np.load(cached.image, mmap_mode="r")[None])
+        label = torch.from_numpy(np.load(cached.label, mmap_mode="r")[None])
     return tio.Subject(
         {
             IMAGE: tio.ScalarImage(tensor=image, affine=affine),

@@ -142,7 +142,7 @@ def test_preprocess_keeps_whole_liver_maps_hu_and_reuses_cache(tmp_path):
     assert out.shape == (35, 24, 23)
     assert image.dtype == np.float16 and image.min() >= -1 and image.max() <= 1
     np.testing.assert_allclose(image[out == LIVER], (110 + 150) / 400 * 2 - 1, atol=2e-3)
-    assert cached.spacing_mm == (0.8, 0.8, 2.0)
+    assert cached.spacing_mm == pytest.approx((0.8, 0.8, 2.0))
     mtime = cached.image.stat().st_mtime_ns
     assert preprocess_case(case, tmp_path / "cache", SETTINGS).image.stat().st_mtime_ns == mtime
 
