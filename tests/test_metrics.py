@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from liverseg.constants import BACKGROUND, LIVER, TUMOR
 from liverseg.metrics import (
@@ -208,3 +209,27 @@ def test_lesion_detection_empty():
     result = lesion_detection(empty, empty, (1, 1, 1))
     assert result["true_lesions"] == result["pred_lesions"] == 0
     assert math.isnan(result["recall"]) and math.isnan(result["f1"])
+
+
+def test_surface_distances_on_the_real_liver_agree_with_monai(real_ct):
+    monai_metrics = pytest.importorskip("monai.metrics")
+    nib = pytest.importorskip("nibabel")
+    image = nib.load(str(real_ct[1]))
+    liver = np.asarray(image.dataobj) > 0
+    spacing = tuple(float(z) for z in image.header.get_zooms()[:3])
+    shrunk = ndimage.binary_erosion(liver, iterations=2)
+    assd, hd95 = surface_distances(shrunk, liver, spacing)
+    pred, truth = (torch.from_numpy(m[None, None].astype(np.float32)) for m in (shrunk, liver))
+    kwargs = {"include_background": True, "spacing": spacing}
+    assert hd95 == pytest.approx(
+        monai_metrics.compute_hausdorff_distance(pred, truth, percentile=95, **kwargs).item(),
+        rel=1e-4,
+    )
+    assert assd == pytest.approx(
+        monai_metrics.compute_average_surface_distance(
+            pred, truth, symmetric=True, **kwargs
+        ).item(),
+        rel=1e-4,
+    )
+    # Two 6-neighbour erosions move the surface about two voxels inwards.
+    assert 1.0 * spacing[0] < assd < 3.0 * spacing[0]

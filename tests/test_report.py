@@ -149,3 +149,16 @@ def test_bad_inputs_raise_data_error():
         lesion_table(np.zeros((4, 4, 4), np.uint8), np.eye(4), image_hu=np.zeros((4, 4, 5)))
     with pytest.raises(DataError, match="4 x 4"):
         case_report(np.zeros((4, 4, 4), np.uint8), np.eye(3))
+
+
+def test_real_liver_report(real_ct):
+    nib = pytest.importorskip("nibabel")
+    image, mask = (nib.load(str(path)) for path in real_ct)
+    labels = np.asarray(mask.dataobj)
+    report = case_report(labels, mask.affine, image_hu=np.asarray(image.dataobj), case_id="real")
+    voxel_mm3 = abs(np.linalg.det(mask.affine[:3, :3]))
+    assert report["liver_volume_ml"] == pytest.approx((labels > 0).sum() * voxel_mm3 / 1000)
+    assert 500 < report["liver_volume_ml"] < 3500  # an adult liver
+    assert report["spacing_trustworthy"] and report["warnings"] == []
+    assert report["axial_axis"] == 2
+    json.dumps(report, allow_nan=False)
