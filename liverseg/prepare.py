@@ -438,11 +438,16 @@ def _execute(todo: list[dict], out: Path, factor: int, workers: int, on_done) ->
             on_done(get_result())
         except LiversegError as exc:
             failures.append(f"{job['case_id']}: {exc}")
+        except concurrent.futures.process.BrokenProcessPool:
+            failures.append(
+                f"{job['case_id']}: a worker process died (killed, or out of memory?) before "
+                f"finishing {job['image_path']}; rerun with fewer --workers"
+            )
         except Exception as exc:
             logger.error("%s failed", job["case_id"], exc_info=True)
             failures.append(
                 f"{job['case_id']}: unexpected {type(exc).__name__}: {exc} "
-                f"({job['image_path']}; rerun with -v for the traceback)"
+                f"({job['image_path']}; traceback logged above)"
             )
         progress.update()
 
@@ -452,10 +457,14 @@ def _execute(todo: list[dict], out: Path, factor: int, workers: int, on_done) ->
                 settle(job, lambda job=job: _run_job(job, str(out), factor))
             return failures
         context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context)
+        try:
             futures = {pool.submit(_run_job, job, str(out), factor): job for job in todo}
             for future in concurrent.futures.as_completed(futures):
                 settle(futures[future], future.result)
+        finally:
+            # On Ctrl-C, stop at the cases already running instead of working through the queue.
+            pool.shutdown(wait=True, cancel_futures=True)
     return failures
 
 
@@ -519,7 +528,9 @@ def prepare_dataset(
         src_dir: Task03 folder (imagesTr, labelsTr, optional imagesTs and dataset.json).
         out_dir: Destination folder; must differ from ``src_dir``.
         factor: Integer reduction factor per axis (2 halves).
-        workers: Processes; default ``os.cpu_count()``; 1 runs in this process.
+        workers: Processes; default ``os.cpu_count()``; 1 runs in this process. Each holds one
+            case (roughly twice its stored size plus ~150 MB), so lower it where memory is short.
+            Workers are spawned: a script calling this needs ``if __name__ == "__main__":``.
 
     Returns:
         A one-paragraph summary for the user.
