@@ -268,6 +268,8 @@ def downsample_case(
     Raises:
         DataError: A file is unreadable, not 3D, or the label's shape or values are wrong.
     """
+    if (label_path is None) != (out_label is None):
+        raise ValueError("label_path and out_label must both be given or both be None")
     image_path = Path(image_path)
     stored, affine, slope, inter = _load_volume(image_path)
     new_affine = downsampled_affine(affine, factor)
