@@ -13,10 +13,22 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
+from liverseg.case_checks import ERROR, WARNING, Problem, check_case, label_affine_matches
 from liverseg.constants import HIDDEN_PREFIX
 from liverseg.errors import DataError
+
+__all__ = [
+    "Case",
+    "Problem",
+    "Problems",
+    "check_case",
+    "check_dataset",
+    "find_cases",
+    "format_problems",
+    "has_errors",
+    "label_affine_matches",
+    "raise_for_errors",
+]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +89,10 @@ def _list_nifti(folder: Path) -> list[Path]:
     return files
 
 
+class _DatasetJsonError(DataError):
+    """dataset.json is malformed (the doctor reports it and pairs names instead)."""
+
+
 def _read_dataset_json(root: Path) -> dict | None:
     path = root / "dataset.json"
     if not path.is_file():
@@ -84,12 +100,12 @@ def _read_dataset_json(root: Path) -> dict | None:
     try:
         content = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(
+        raise _DatasetJsonError(
             f"{path}: expected a JSON object as in the Medical Segmentation Decathlon, but it "
             f"cannot be read ({exc}); fix or delete it (cases are then paired by file name)"
         ) from exc
     if not isinstance(content, dict):
-        raise DataError(
+        raise _DatasetJsonError(
             f"{path}: expected a JSON object with 'training' and 'test' lists, found "
             f"{type(content).__name__}; fix or delete it (cases are then paired by file name)"
         )
@@ -103,19 +119,23 @@ def _entries_from_json(root: Path, content: dict, split: str) -> list[Case] | No
         return None
     where = f"{root / 'dataset.json'}: '{split}'"
     if not isinstance(entries, list):
-        raise DataError(f"{where} must be a list, found {type(entries).__name__}; fix the file")
+        raise _DatasetJsonError(
+            f"{where} must be a list, found {type(entries).__name__}; fix the file"
+        )
     cases = []
     for i, entry in enumerate(entries):
         if isinstance(entry, str):
             entry = {"image": entry}
         if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
-            raise DataError(
+            raise _DatasetJsonError(
                 f"{where}[{i}]: expected a path or {{'image': ..., 'label': ...}}, found "
                 f"{entry!r}; fix the entry"
             )
         label = entry.get("label")
         if split == "training" and not isinstance(label, str):
-            raise DataError(f"{where}[{i}]: expected a 'label' path, found {label!r}; fix it")
+            raise _DatasetJsonError(
+                f"{where}[{i}]: expected a 'label' path, found {label!r}; fix it"
+            )
         if Path(entry["image"]).name.startswith(HIDDEN_PREFIX):
             continue
         image_path = root / entry["image"]
@@ -125,18 +145,26 @@ def _entries_from_json(root: Path, content: dict, split: str) -> list[Case] | No
 
 
 def _pair_by_name(root: Path, split: str) -> list[Case]:
-    """Cases from the folder listing: the union of image and label names of ``split``."""
+    """Cases from the folder listing: the union of image and label names of ``split``.
+
+    Two files with one id (``liver_1.nii`` and ``liver_1.nii.gz``) give two cases, so the
+    doctor reports the duplicate instead of one silently winning.
+    """
     image_folder, label_folder = SPLITS[split]
-    images = {case_id_of(p): p for p in _list_nifti(root / image_folder)}
-    if label_folder is None:
-        return [Case(cid, path, None) for cid, path in images.items()]
-    labels = {case_id_of(p): p for p in _list_nifti(root / label_folder)}
+    images, labels = {}, {}
+    for path in _list_nifti(root / image_folder):
+        images.setdefault(case_id_of(path), []).append(path)
+    if label_folder is not None:
+        for path in _list_nifti(root / label_folder):
+            labels.setdefault(case_id_of(path), []).append(path)
     cases = []
     for cid in images.keys() | labels.keys():
         # A missing partner gets the path it should have, so the doctor names it.
-        image = images.get(cid, root / image_folder / labels.get(cid, Path(cid)).name)
-        label = labels.get(cid, root / label_folder / images.get(cid, Path(cid)).name)
-        cases.append(Case(cid, image, label))
+        image_paths = images.get(cid) or [root / image_folder / labels[cid][0].name]
+        label = None
+        if label_folder is not None:
+            label = labels.get(cid, [root / label_folder / image_paths[0].name])[0]
+        cases += [Case(cid, image, label) for image in sorted(image_paths)]
     return cases
 
 
@@ -163,13 +191,22 @@ def find_cases(root: str | Path, split: str = "training") -> list[Case]:
     """
     if split not in SPLITS:
         raise DataError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
+    root = _existing_root(root)
+    return _find(root, split, _read_dataset_json(root))
+
+
+def _existing_root(root: str | Path) -> Path:
     root = Path(root)
     if not root.is_dir():
         raise DataError(
             f"dataset folder {root} does not exist; expected a Task03 folder with imagesTr/, "
             "labelsTr/ and dataset.json (check the path, or create one with `liverseg phantoms`)"
         )
-    content = _read_dataset_json(root)
+    return root
+
+
+def _find(root: Path, split: str, content: dict | None) -> list[Case]:
+    """:func:`find_cases` given the parsed ``dataset.json`` (None: pair by name)."""
     cases = _entries_from_json(root, content, split) if content is not None else None
     folders = [root / f for f in SPLITS[split] if f is not None]
     missing = [str(f) for f in folders if not f.is_dir()]
@@ -185,19 +222,137 @@ def find_cases(root: str | Path, split: str = "training") -> list[Case]:
     return cases
 
 
-def label_affine_matches(
-    image_affine: np.ndarray, label_affine: np.ndarray, tolerance_mm: float
-) -> bool:
-    """Whether a label's affine equals its image's up to float noise.
+class Problems(list):
+    """The problems of a dataset check; ``n_cases`` is how many cases were checked."""
+
+    def __init__(self, problems=(), n_cases: int | None = None):
+        super().__init__(problems)
+        self.n_cases = n_cases
+
+
+def _discover(root: Path) -> tuple[list[Case], list[Problem]]:
+    """Training and test cases of ``root``, plus the problems of discovery itself."""
+    root = _existing_root(root)
+    problems = []
+    try:
+        content = _read_dataset_json(root)
+        cases = _find(root, "training", content) + _find(root, "test", content)
+    except _DatasetJsonError as exc:
+        problems.append(Problem(ERROR, root / "dataset.json", str(exc)))
+        content = None
+        cases = _find(root, "training", None) + _find(root, "test", None)
+    if content is not None:
+        listed = {p for case in cases for p in (case.image, case.label) if p is not None}
+        for folder in ("imagesTr", "labelsTr", "imagesTs"):
+            for path in sorted(_list_nifti(root / folder), key=lambda p: natural_key(p.name)):
+                if path not in listed:
+                    problems.append(
+                        Problem(
+                            WARNING,
+                            path,
+                            "not listed in dataset.json, so it is ignored; add it to the "
+                            "'training' or 'test' list, or remove it",
+                        )
+                    )
+    return cases, problems
+
+
+def _duplicate_problems(cases: list[Case]) -> list[Problem]:
+    by_id: dict[str, list[Case]] = {}
+    for case in cases:
+        by_id.setdefault(case.case_id, []).append(case)
+    return [
+        Problem(
+            ERROR,
+            same[1].image,
+            f"case id {case_id!r} appears {len(same)} times ("
+            f"{', '.join(str(c.image) for c in same)}): expected unique ids; remove or rename "
+            "the extra files or dataset.json entries",
+        )
+        for case_id, same in by_id.items()
+        if len(same) > 1
+    ]
+
+
+def check_dataset(
+    root: str | Path,
+    *,
+    affine_tolerance_mm: float = 0.01,
+    copy_label_geometry: bool = False,
+    cases: list[Case] | None = None,
+) -> Problems:
+    """Every problem of a Task03-layout dataset, gathered before returning.
 
     Args:
-        image_affine: 4 x 4 voxel-to-scanner matrix of the image, mm.
-        label_affine: 4 x 4 matrix of the label, mm.
-        tolerance_mm: Largest accepted absolute difference of any entry, mm (Task03's
-            ``liver_2`` differs by about 3e-4 mm).
+        root: Dataset folder.
+        affine_tolerance_mm: Largest label/image affine entry difference taken as float noise.
+        copy_label_geometry: Report label affine mismatches as warnings (image's one is used).
+        cases: Check only these (e.g. from :func:`find_cases`); default: discover the training
+            and test cases of ``root`` and report discovery problems too (bad ``dataset.json``,
+            files it does not list).
 
     Returns:
-        True when every entry differs by at most ``tolerance_mm``.
+        The problems (a list with ``n_cases``, the number of cases checked).
+
+    Raises:
+        DataError: ``root`` or its ``imagesTr``/``labelsTr`` do not exist (nothing to check).
     """
-    difference = np.abs(np.asarray(image_affine, float) - np.asarray(label_affine, float))
-    return bool(np.all(np.isfinite(difference)) and difference.max() <= tolerance_mm)
+    root = Path(root)
+    problems: list[Problem] = []
+    if cases is None:
+        cases, problems = _discover(root)
+    problems += _duplicate_problems(cases)
+    for case in cases:
+        log.info("checking %s", case.case_id)
+        problems += check_case(
+            case, affine_tolerance_mm=affine_tolerance_mm, copy_label_geometry=copy_label_geometry
+        )
+    return Problems(problems, n_cases=len(cases))
+
+
+def has_errors(problems: list[Problem]) -> bool:
+    """Whether any problem is an error."""
+    return any(problem.severity == ERROR for problem in problems)
+
+
+def format_problems(problems: list[Problem], n_cases: int | None = None) -> str:
+    """A table, one row per problem (severity, file, message), and a summary line.
+
+    Args:
+        problems: From :func:`check_dataset` (which carries ``n_cases``) or :func:`check_case`.
+        n_cases: Number of cases checked; default ``problems.n_cases`` where present.
+
+    Returns:
+        The table; a single line saying so when there are no problems.
+    """
+    if n_cases is None:
+        n_cases = getattr(problems, "n_cases", None)
+    errors = sum(problem.severity == ERROR for problem in problems)
+    cases = f"{n_cases} cases, " if n_cases is not None else ""
+    summary = f"{cases}{errors} errors, {len(problems) - errors} warnings"
+    if not problems:
+        return f"no problems found ({summary})"
+    width = max(len(str(problem.path)) for problem in problems)
+    rows = [f"{'severity':<8}  {'file':<{width}}  problem"]
+    rows += [f"{p.severity:<8}  {str(p.path):<{width}}  {p.message}" for p in problems]
+    return "\n".join([*rows, summary])
+
+
+def raise_for_errors(problems: list[Problem], root: str | Path) -> None:
+    """Log the warnings; raise if any problem is an error.
+
+    Args:
+        problems: From :func:`check_dataset`.
+        root: The dataset folder, named in the message.
+
+    Raises:
+        DataError: With the same table ``liverseg check`` prints, when there are errors.
+    """
+    for problem in problems:
+        if problem.severity == WARNING:
+            log.warning("%s: %s", problem.path, problem.message)
+    if has_errors(problems):
+        raise DataError(
+            f"the dataset at {root} has problems; fix the errors below (`liverseg check {root}` "
+            f"shows this table again):\n{format_problems(problems)}"
+        )
