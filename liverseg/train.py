@@ -211,7 +211,7 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     def column(name):
-        return [float(r[name]) if r[name] not in ("", None) else math.nan for r in rows]
+        return [float(r[name]) if r.get(name) not in ("", None) else math.nan for r in rows]
 
     epochs = [int(r["epoch"]) for r in rows]
     fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(10, 4))
