@@ -131,29 +131,32 @@ def _read_voxels(path: Path, img, role: str) -> tuple[np.ndarray | None, list[Pr
     return data.reshape(data.shape[:3]), []
 
 
-def _scaled_range(img, data: np.ndarray) -> tuple[float, float]:
-    """(min, max) of the scaled (HU) values of the finite voxels of ``data``."""
-    finite = data[np.isfinite(data)] if data.dtype.kind == "f" else data
-    if finite.size == 0:
+def _scaled_range(img, values: np.ndarray) -> tuple[float, float]:
+    """(min, max) of ``values`` (stored, finite) after the header's scl_slope/scl_inter (HU)."""
+    if values.size == 0:
         return float("nan"), float("nan")
     slope, inter = getattr(img.dataobj, "slope", 1.0), getattr(img.dataobj, "inter", 0.0)
-    ends = np.array([finite.min(), finite.max()], float) * slope + inter
+    ends = np.array([values.min(), values.max()], float) * slope + inter
     return float(ends.min()), float(ends.max())
 
 
 def _image_value_problems(path: Path, img, data: np.ndarray) -> list[Problem]:
     problems = []
-    if data.dtype.kind == "f" and not np.all(np.isfinite(data)):
-        count = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
-        problems.append(
-            Problem(
-                ERROR,
-                path,
-                f"image has {count:,} NaN/Inf voxels: expected finite HU everywhere; replace "
-                "them (e.g. with -1024, air) or re-export the scan",
+    finite = data
+    if data.dtype.kind == "f":
+        mask = np.isfinite(data)
+        count = int(mask.size - np.count_nonzero(mask))
+        if count:
+            finite = data[mask]
+            problems.append(
+                Problem(
+                    ERROR,
+                    path,
+                    f"image has {count:,} NaN/Inf voxels: expected finite HU everywhere; replace "
+                    "them (e.g. with -1024, air) or re-export the scan",
+                )
             )
-        )
-    low, high = _scaled_range(img, data)
+    low, high = _scaled_range(img, finite)
     if high <= 10 or low >= 0:
         problems.append(
             Problem(
@@ -175,7 +178,10 @@ def _label_value_problems(path: Path, data: np.ndarray) -> list[Problem]:
         if bad.any():
             found = np.unique(data[bad])[:5].tolist()
             return [Problem(ERROR, path, f"label holds non-integral values {found}: {fix}")]
-    outside = ~np.isin(data, LABEL_VALUES)
+    # One boolean array per value: np.isin's table method allocates an intp index per voxel.
+    outside = data != LABEL_VALUES[0]
+    for value in LABEL_VALUES[1:]:
+        outside &= data != value
     if outside.any():
         found = np.unique(data[outside])[:10].tolist()
         return [Problem(ERROR, path, f"label values {found} outside the label set: {fix}")]
@@ -244,7 +250,7 @@ def check_case(
     """
     image, problems = _open_volume(case.image, "image")
     if image is not None:
-        if np.allclose(_spacing_mm(image), 1.0) and np.allclose(image.affine[:3, :3], np.eye(3)):
+        if np.allclose(np.abs(image.affine[:3, :3]), np.eye(3)):
             problems.append(
                 Problem(
                     WARNING,

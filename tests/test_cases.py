@@ -343,6 +343,17 @@ def test_each_problem_names_its_file(tmp_path, name):
     assert has_errors(problems) == (severity == "error")
 
 
+def test_offset_storage_with_scl_inter_is_hu(tmp_path):
+    path = _offset_no_air(tmp_path)
+    patch_header(path, scl_slope=1.0, scl_inter=-1024.0)
+    assert check_dataset(tmp_path) == []
+
+
+def test_flipped_identity_affine_is_warned(tmp_path):
+    path = write_case(tmp_path, 1, affine=np.diag([-1.0, -1.0, 1.0, 1.0])).image
+    assert "1 mm spacing" in only(check_dataset(tmp_path), path).message
+
+
 def test_absurd_header_is_refused_before_reading_voxels(tmp_path, monkeypatch):
     path = _absurd_size(tmp_path)
     real_read = liverseg.case_checks._read_voxels
