@@ -75,7 +75,9 @@ def _open_volume(path: Path, role: str) -> tuple[object | None, list[Problem]]:
     if not path.is_file():
         return err(f"{role} is missing: expected a NIfTI file here; add it or remove the case")
     if path.stat().st_size == 0:
-        return err(f"{role} is an empty file (0 bytes); copy or download it again")
+        return err(
+            f"{role} is an empty file (0 bytes): expected a NIfTI volume; copy or download it again"
+        )
     try:
         img = nib.load(str(path))
         # nibabel silently turns 0 or negative pixdim into 1 or abs(); read them as stored.

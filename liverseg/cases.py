@@ -2,7 +2,8 @@
 
 Discovery only lists files: a missing image or label is kept in the case list (its path does
 not exist) so that the data doctor (:func:`check_dataset`) reports it together with every
-other problem instead of stopping at the first one.
+other problem instead of stopping at the first one. The checks of one case live in
+:mod:`liverseg.case_checks` and are re-exported here.
 """
 
 from __future__ import annotations
