@@ -325,42 +325,55 @@ def predict_volume(
     _check_settings(model, patch_size, overlap, batch_size, blending, zoom, amp, head)
     hu, affine = read_volume(image)
     param = next(model.parameters(), None)
-    model_device = param.device if param is not None else torch.device("cpu")
-    device = model_device if device is None else resolve_device(device)
+    if device is None:
+        device = param.device if param is not None else torch.device("cpu")
+    device = resolve_device(device)
     dtype = autocast_dtype(amp, device)
-    was_training = model.training
-    model.eval()
-    if device != model_device:
-        model.to(device)
-    try:
+    with _inference_state(model, device, channels_last=dtype is not None):
         if zoom > 1:
             reduced = downsample_image(hu, zoom)
             reduced_affine = downsampled_affine(affine, zoom)
         else:
             reduced, reduced_affine = hu, affine
         probabilities = _sliding_window(
-            model,
-            reduced,
-            reduced_affine,
-            hu_min,
-            hu_max,
-            head,
-            patch_size,
-            overlap,
-            batch_size,
-            blending,
-            device,
-            dtype,
-            progress,
-        )
-    finally:
-        if device != model_device:
-            model.to(model_device)
-        model.train(was_training)
+            model, reduced, reduced_affine, hu_min, hu_max, head, patch_size, overlap,
+            batch_size, blending, device, dtype, progress,
+        )  # fmt: skip
     labels, full_probabilities = _decode(probabilities, hu.shape, zoom, head, keep_probabilities)
     if postprocess is not None:
         labels = postprocess_labels(labels, _spacing_mm(affine), postprocess)
     return Prediction(labels=labels, affine=affine.copy(), probabilities=full_probabilities)
+
+
+@contextlib.contextmanager
+def _inference_state(model: torch.nn.Module, device: torch.device, channels_last: bool):
+    """Eval mode on ``device`` (channels-last 3D weights if asked); restore all on exit.
+
+    Under bf16/fp16 autocast, channels-last weights and inputs let oneDNN/cuDNN pick their fast
+    kernels (about 1.7x on a CPU with bf16 support); in fp32 on CPU they are slower.
+    """
+    param = next(model.parameters(), None)
+    was_training = model.training
+    old_device = param.device if param is not None else device
+    weights = [p for p in model.parameters() if p.ndim == 5]
+    to_channels_last = (
+        channels_last
+        and bool(weights)
+        and not weights[0].is_contiguous(memory_format=torch.channels_last_3d)
+    )
+    model.eval()
+    try:
+        if old_device != device:
+            model.to(device)
+        if to_channels_last:
+            model.to(memory_format=torch.channels_last_3d)
+        yield
+    finally:
+        if to_channels_last:
+            model.to(memory_format=torch.contiguous_format)
+        if old_device != device:
+            model.to(old_device)
+        model.train(was_training)
 
 
 def _check_settings(model, patch_size, overlap, batch_size, blending, zoom, amp, head) -> None:

@@ -331,3 +331,15 @@ def test_real_ct_with_tiny_random_model(real_ct):
     assert prediction.labels.shape == stored.shape
     np.testing.assert_array_equal(prediction.affine, stored.affine)
     assert set(np.unique(prediction.labels)) <= {BACKGROUND, LIVER, TUMOR}
+
+
+def test_fast_path_leaves_the_model_as_it_was():
+    torch.manual_seed(0)
+    model = UNet3D(1, 2, features=(4, 8)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    image = as_image(np.random.default_rng(0).normal(50, 80, (12, 10, 9)))
+    predict_volume(model, image, hu_min=-150, hu_max=250, patch_size=8, amp="bf16")
+    assert model.training
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+        assert value.is_contiguous()
