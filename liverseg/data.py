@@ -174,7 +174,7 @@ def build_cache(
     cases: Sequence[Case], cache_dir: Path, settings: dict, workers: int = 0
 ) -> list[CachedCase]:
     """Preprocess every case into ``cache_dir`` in ``workers`` processes, reusing the cache."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     jobs = [(case, cache_dir, settings) for case in cases]

@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import torch
 import torchio as tio
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from liverseg.cases import Case, check_dataset, find_cases, raise_for_errors
 from liverseg.checkpoints import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -223,7 +223,8 @@ def plot_curves(rows: list[dict], path: Path) -> None:
         if points:
             ax_dice.plot(*zip(*points), marker="o", label=name)
     ax_dice.set(xlabel="epoch", ylabel="Dice", ylim=(0, 1), title="validation Dice")
-    ax_dice.legend(loc="lower right")
+    if ax_dice.lines:
+        ax_dice.legend(loc="lower right")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=80)
