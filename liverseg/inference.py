@@ -172,7 +172,8 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "auto") -> t
         raise CheckpointError(
             f"checkpoint {path}: the weights do not fit the model its config describes ({reason})"
         ) from None
-    model.eval().to(resolve_device(device))
+    device = resolve_device(device)
+    model.eval().to(device)
     inference = config.inference
     settings = {
         "hu_min": float(preprocessing["hu_min"]),
@@ -188,7 +189,7 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "auto") -> t
         "tumor_inside_liver": inference.tumor_inside_liver,
         "min_tumor_mm3": inference.min_tumor_mm3,
     }
-    log.info("loaded %s (epoch %s) on %s", path, state.get("epoch"), resolve_device(device))
+    log.info("loaded %s (epoch %s) on %s", path, state.get("epoch"), device)
     return model, settings
 
 
@@ -328,6 +329,8 @@ def predict_volume(
     if device is None:
         device = param.device if param is not None else torch.device("cpu")
     device = resolve_device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     dtype = autocast_dtype(amp, device)
     with _inference_state(model, device, channels_last=dtype is not None):
         if zoom > 1:
