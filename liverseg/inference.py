@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import torchio as tio
 from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
 from scipy import ndimage
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from liverseg.checkpoints import load_checkpoint
 from liverseg.config import from_dict

@@ -116,7 +116,7 @@ def predict_paths(
     Raises:
         CheckpointError: The checkpoint cannot be used (nothing is predicted).
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     model, settings = load_model(checkpoint, device)
     kwargs = predict_kwargs(settings, prepared=prepared)

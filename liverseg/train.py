@@ -27,7 +27,13 @@ from liverseg.constants import CASE_ID, DICE_CLASSES, IMAGE, LABEL
 from liverseg.data import PatchSettings, build_cache, build_loader, load_or_create_split
 from liverseg.errors import CheckpointError, DataError, LiversegError
 from liverseg.files import atomic_path
-from liverseg.inference import Postprocess, predict_volume, resolve_device
+from liverseg.inference import (
+    AMP_MODES,
+    Postprocess,
+    autocast_dtype,
+    predict_volume,
+    resolve_device,
+)
 from liverseg.losses import compute_loss, head_for_loss, out_channels
 from liverseg.metrics import case_dice
 from liverseg.model import UNet3D
@@ -53,15 +59,13 @@ def build_model(config: Config) -> UNet3D:
     )
 
 
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``train.amp`` on ``device`` (None: fp32)."""
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+def training_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``train.amp``: "auto" is mixed precision on CUDA only (None: fp32)."""
+    if amp not in AMP_MODES:
+        raise LiversegError(f"train.amp must be one of {', '.join(AMP_MODES)}, got {amp!r}")
+    if amp == "auto" and device.type != "cuda":
         return None
-    if amp == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if amp in ("bf16", "fp16"):
-        return torch.bfloat16 if amp == "bf16" else torch.float16
-    raise LiversegError(f"train.amp must be auto, bf16, fp16 or off, got {amp!r}")
+    return autocast_dtype(amp, device)
 
 
 def find_training_cases(config: Config) -> list[Case]:
@@ -128,8 +132,10 @@ def train_one_epoch(model, loader, optimizer, scaler, *, epoch, config, device, 
     total, count, bad_in_row = 0.0, 0, 0
     limit = config.train.iterations_per_epoch or len(loader)
     bar = tqdm(loader, total=limit, desc=f"epoch {epoch}", unit="it", leave=False)
+    # channels-last lets oneDNN/cuDNN pick their fast 3D kernels under mixed precision.
+    layout = torch.channels_last_3d if dtype else torch.contiguous_format
     for iteration, batch in enumerate(bar, start=1):
-        image = batch[IMAGE][tio.DATA].to(device, non_blocking=True)
+        image = batch[IMAGE][tio.DATA].to(device, non_blocking=True, memory_format=layout)
         label = batch[LABEL][tio.DATA].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
             logits = model(image)
@@ -266,8 +272,10 @@ def fit(config: Config) -> dict:
     seed_everything(config.train.seed)
 
     device = resolve_device(config.train.device)
-    dtype = autocast_dtype(config.train.amp, device)
+    dtype = training_dtype(config.train.amp, device)
     model = build_model(config).to(device)
+    if dtype:
+        model = model.to(memory_format=torch.channels_last_3d)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start_epoch, best_metric, rows = 1, -math.inf, []
