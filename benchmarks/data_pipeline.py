@@ -54,6 +54,7 @@ class PeakRss:
 def plain_loader(root: Path, args):
     import torch
     import torchio as tio
+
     from liverseg.cases import find_cases
 
     subjects = [
@@ -81,7 +82,6 @@ def plain_loader(root: Path, args):
 
 def ours_loader(root: Path, args, cache: Path):
     from liverseg.cases import find_cases
-
     from liverseg.data import PatchSettings, build_cache, build_loader
 
     settings = {

@@ -4,8 +4,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from liverseg.cases import Case
 
+from liverseg.cases import Case
 from liverseg.constants import BACKGROUND, LIVER, TUMOR
 from liverseg.data import (
     PatchSettings,
@@ -186,3 +186,26 @@ def test_queue_yields_patches_with_configured_centre_frequencies(tmp_path):
     assert len(centres) == 30 * 15
     for c, p in PROBS.items():
         assert abs(np.mean(centres == c) - p) < 0.07, (c, np.mean(centres == c))
+
+
+def test_seed_sized_patches_follow_probabilities(tmp_path):
+    # The seed's sizes: a 256 x 256 x 200 volume, 96^3 patches.
+    label = np.zeros((256, 256, 200), np.uint8)
+    label[60:200, 50:190, 40:160] = LIVER
+    label[100:120, 90:110, 80:95] = TUMOR
+    freq, _ = centre_frequencies(label, PROBS, n=3000, patch=96)
+    for c, p in PROBS.items():
+        assert abs(freq[c] - p) < 0.03, (c, freq)
+    case = write_case(tmp_path, "liver_0", label, np.eye(4))
+    settings = {**SETTINGS, "shape": [256, 256, 200], "min_size": 96}
+    cached = build_cache([case], tmp_path / "cache", settings)
+    loader = build_loader(
+        cached,
+        PatchSettings(96, PROBS, 5, augment=True),
+        queue_length=5,
+        batch_size=5,
+        num_workers=0,
+    )
+    batch = next(iter(loader))
+    assert batch["image"]["data"].shape == (5, 1, 96, 96, 96)
+    assert batch["label"]["data"].shape == (5, 1, 96, 96, 96)
