@@ -22,11 +22,10 @@ import torchio as tio
 from liverseg.cases import find_cases
 from liverseg.config import load_config
 from liverseg.constants import IMAGE, LABEL
-from liverseg.data import PatchSettings, build_cache, build_loader
 from liverseg.inference import resolve_device
 from liverseg.losses import compute_loss
 from liverseg.phantoms import write_dataset
-from liverseg.train import build_model, training_dtype
+from liverseg.train import build_model, build_training_loader, training_dtype
 
 
 def sync(device: torch.device) -> None:
@@ -44,27 +43,14 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     config = load_config(args.config, tuple(args.overrides))
-    data = config.data
     device = resolve_device(config.train.device)
     dtype = training_dtype(config.train.amp, device)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "phantoms"
         write_dataset(root, cases=args.cases, shape=tuple(args.shape), seed=0, test_cases=0)
-        cached = build_cache(
-            find_cases(root),
-            Path(tmp) / "cache",
-            {"hu_min": data.hu_min, "hu_max": data.hu_max, "shape": list(data.shape),
-             "min_size": data.patch_size, "affine_tolerance_mm": data.affine_tolerance_mm,
-             "copy_label_geometry": data.copy_label_geometry},
-            workers=data.num_workers,
-        )  # fmt: skip
-        loader = build_loader(
-            cached,
-            PatchSettings(data.patch_size, data.label_probabilities, data.samples_per_volume,
-                          data.augment, data.scales, data.degrees),
-            queue_length=data.queue_length, batch_size=data.batch_size,
-            num_workers=data.num_workers, pin_memory=device.type == "cuda",
-        )  # fmt: skip
+        loader = build_training_loader(
+            config, find_cases(root), Path(tmp) / "cache", device.type == "cuda"
+        )
         model = build_model(config).to(device)
         layout = torch.channels_last_3d if dtype else torch.contiguous_format
         model = model.to(memory_format=layout)
@@ -95,8 +81,11 @@ def main() -> None:
                 waited, stepped = waited + t1 - t0, stepped + t2 - t1
     total = waited + stepped
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    print(f"{args.config} on {name}, patch {data.patch_size}^3, batch {data.batch_size}, "
-          f"features {config.model.features}, amp {dtype}, {data.num_workers} workers")  # fmt: skip
+    data = config.data
+    print(
+        f"{args.config} on {name}, patch {data.patch_size}^3, batch {data.batch_size}, "
+        f"features {config.model.features}, amp {dtype}, {data.num_workers} workers"
+    )
     print(f"iterations per second: {args.iterations / total:.2f}")
     print(f"share of each iteration waiting on the data loader: {100 * waited / total:.1f}%")
     if device.type == "cuda":

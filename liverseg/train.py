@@ -244,6 +244,30 @@ def selection_score(scores: dict[str, float]) -> float:
     return sum(finite) / len(finite) if finite else math.nan
 
 
+def build_training_loader(
+    config: Config, cases: list[Case], cache_dir: Path, pin_memory: bool = False
+) -> torch.utils.data.DataLoader:
+    """Preprocess ``cases`` into ``cache_dir`` and build the patch loader of ``config.data``."""
+    data = config.data
+    cache_settings = {
+        "hu_min": data.hu_min,
+        "hu_max": data.hu_max,
+        "shape": list(data.shape),
+        "min_size": data.patch_size,
+        "affine_tolerance_mm": data.affine_tolerance_mm,
+        "copy_label_geometry": data.copy_label_geometry,
+    }
+    cached = build_cache(cases, cache_dir, cache_settings, workers=data.num_workers)
+    patches = PatchSettings(
+        data.patch_size, data.label_probabilities, data.samples_per_volume, data.augment,
+        data.scales, data.degrees,
+    )  # fmt: skip
+    return build_loader(
+        cached, patches, queue_length=data.queue_length, batch_size=data.batch_size,
+        num_workers=data.num_workers, seed=config.train.seed, pin_memory=pin_memory,
+    )  # fmt: skip
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -290,35 +314,8 @@ def fit(config: Config) -> dict:
 
     data = config.data
     cache_dir = Path(data.cache_dir) if data.cache_dir else run_dir / "cache"
-    cached = build_cache(
-        [by_id[i] for i in split["train"]],
-        cache_dir,
-        {
-            "hu_min": data.hu_min,
-            "hu_max": data.hu_max,
-            "shape": list(data.shape),
-            "min_size": data.patch_size,
-            "affine_tolerance_mm": data.affine_tolerance_mm,
-            "copy_label_geometry": data.copy_label_geometry,
-        },
-        workers=data.num_workers,
-    )
-    loader = build_loader(
-        cached,
-        PatchSettings(
-            data.patch_size,
-            data.label_probabilities,
-            data.samples_per_volume,
-            data.augment,
-            data.scales,
-            data.degrees,
-        ),
-        queue_length=data.queue_length,
-        batch_size=data.batch_size,
-        num_workers=data.num_workers,
-        seed=config.train.seed,
-        pin_memory=device.type == "cuda",
-    )
+    train_cases = [by_id[i] for i in split["train"]]
+    loader = build_training_loader(config, train_cases, cache_dir, device.type == "cuda")
     val_cases = [by_id[i] for i in split["val"]]
     preprocessing = preprocessing_settings(
         data.hu_min, data.hu_max, data.factor, head_for_loss(config.train.loss)
