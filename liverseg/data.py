@@ -36,6 +36,7 @@ from liverseg.cases import Case, label_affine_matches
 from liverseg.constants import BACKGROUND, CASE_ID, IMAGE, LABEL
 from liverseg.errors import DataError
 from liverseg.files import atomic_path
+from liverseg.inference import read_volume
 
 log = logging.getLogger(__name__)
 
@@ -118,15 +119,25 @@ def _liver_centred_window(label: np.ndarray, shape: Sequence[int]) -> list[slice
 
 
 def _load_aligned(case: Case, tolerance_mm: float, copy_geometry: bool) -> tuple:
-    image = nib.load(str(case.image))
-    label = nib.load(str(case.label))
-    if not label_affine_matches(image.affine, label.affine, tolerance_mm) and not copy_geometry:
+    """Image (HU, stored dtype) and label as canonical nibabel images sharing the image's affine.
+
+    Both are read as 3D (a trailing singleton 4th axis is dropped), never as float64 copies.
+    """
+    hu, affine = read_volume(case.image)
+    labels, label_affine = read_volume(case.label)
+    if not label_affine_matches(affine, label_affine, tolerance_mm) and not copy_geometry:
         raise DataError(
             f"{case.label}: affine differs from its image's by more than {tolerance_mm} mm; "
             "run `liverseg check` and set data.copy_label_geometry=true to use the image's"
         )
-    label = nib.Nifti1Image(np.asarray(label.dataobj), image.affine)
-    return nib.as_closest_canonical(image), nib.as_closest_canonical(label)
+    if labels.shape != hu.shape:
+        raise DataError(
+            f"{case.label}: shape {labels.shape} differs from its image's {hu.shape}; "
+            "run `liverseg check`"
+        )
+    image = nib.as_closest_canonical(nib.Nifti1Image(hu, affine))
+    label = nib.as_closest_canonical(nib.Nifti1Image(labels.astype(np.uint8), affine))
+    return image, label
 
 
 def preprocess_case(case: Case, cache_dir: Path, settings: dict) -> CachedCase:
@@ -237,8 +248,9 @@ def sample_centres(
     hi = [size - (patch_size - 1) // 2 for size in label.shape]
     valid = label[lo : hi[0], lo : hi[1], lo : hi[2]]
     indices = {c: np.flatnonzero(valid == c) for c in probabilities if c != BACKGROUND}
+    has_background = bool((valid == BACKGROUND).any())
     present = [
-        c for c in probabilities if (c == BACKGROUND and valid.size) or indices.get(c, []).size
+        c for c in probabilities if (c == BACKGROUND and has_background) or indices.get(c, []).size
     ]
     weights = np.array([probabilities[c] for c in present], dtype=np.float64)
     classes = rng.choice(present, size=n, p=weights / weights.sum())
@@ -250,6 +262,8 @@ def sample_centres(
                 index = int(rng.integers(valid.size))
                 if valid.flat[index] == BACKGROUND:
                     break
+            else:  # background is rare here: list it after all
+                index = int(rng.choice(np.flatnonzero(valid == BACKGROUND)))
         else:
             index = int(rng.choice(indices[c]))
         flat.append(index)
@@ -355,16 +369,15 @@ class PatchSetDataset(tio.SubjectsDataset):
         super().__init__([build_subject(c) for c in cached])
         self.settings = settings
         self.seed = seed
-        self._draws = 0
 
     def __getitem__(self, index: int) -> tio.Subject:
         subject = self._subjects[index]
         s = self.settings
-        # Fresh randomness per draw and per worker, reproducible from the seed.
+        # Fresh randomness per draw and per worker, drawn from torch's RNG: reproducible from the
+        # seed, and restored with it on resume, so a resumed run does not replay its patches.
         info = torch.utils.data.get_worker_info()
-        self._draws += 1
         rng = np.random.default_rng(
-            [self.seed, index, self._draws, info.id if info else 0, torch.initial_seed() % 2**31]
+            [self.seed, index, int(torch.randint(2**31, ())), info.id if info else 0]
         )
         image = subject[IMAGE].data[0].numpy()
         label = subject[LABEL].data[0].numpy()

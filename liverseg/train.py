@@ -25,7 +25,7 @@ from liverseg.checkpoints import load_checkpoint, rng_state, save_checkpoint, se
 from liverseg.config import Config, diff_configs, save_config, to_dict
 from liverseg.constants import CASE_ID, DICE_CLASSES, IMAGE, LABEL
 from liverseg.data import PatchSettings, build_cache, build_loader, load_or_create_split
-from liverseg.errors import CheckpointError, DataError, LiversegError
+from liverseg.errors import CheckpointError, ConfigError, DataError, LiversegError
 from liverseg.files import atomic_path
 from liverseg.inference import (
     AMP_MODES,
@@ -34,9 +34,9 @@ from liverseg.inference import (
     predict_volume,
     resolve_device,
 )
-from liverseg.losses import compute_loss, head_for_loss, out_channels
+from liverseg.losses import LOSSES, compute_loss, head_for_loss, out_channels
 from liverseg.metrics import case_dice
-from liverseg.model import UNet3D
+from liverseg.model import NORMS, UNet3D
 from liverseg.transforms import preprocessing_settings
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,41 @@ def find_training_cases(config: Config) -> list[Case]:
     return cases
 
 
+# Data keys that may change between a run and its resume: where the data are and how fast they
+# are served, not what the model learns from.
+RESUMABLE_CHANGES = ("root", "cache_dir", "num_workers", "queue_length")
+
+
+def _without(section: dict, keys: tuple[str, ...]) -> dict:
+    return {k: v for k, v in section.items() if k not in keys}
+
+
+def check_config(config: Config) -> None:
+    """Refuse settings that would only fail after the dataset check and cache build.
+
+    Raises:
+        ConfigError: naming the key, the value and what is allowed.
+    """
+    data, model = config.data, config.model
+    problems = []
+    if not data.hu_max > data.hu_min:
+        problems.append(f"data.hu_max ({data.hu_max}) must exceed data.hu_min ({data.hu_min})")
+    if config.train.loss not in LOSSES:
+        problems.append(f"train.loss={config.train.loss!r}: choose one of {', '.join(LOSSES)}")
+    if model.norm not in NORMS:
+        problems.append(f"model.norm={model.norm!r}: choose one of {', '.join(NORMS)}")
+    if config.train.amp not in AMP_MODES:
+        problems.append(f"train.amp={config.train.amp!r}: choose one of {', '.join(AMP_MODES)}")
+    multiple = 2 ** (len(model.features) - 1)
+    if len(model.features) < 2 or data.patch_size % multiple:
+        problems.append(
+            f"data.patch_size={data.patch_size} must be a multiple of {multiple} for "
+            f"model.features={list(model.features)}"
+        )
+    if problems:
+        raise ConfigError("invalid config: " + "; ".join(problems))
+
+
 def resume_state(config: Config, last: Path) -> dict | None:
     """The checkpoint to continue from, or None; refuses a model/data config that changed."""
     if config.train.resume == "never" or not last.exists():
@@ -113,7 +148,11 @@ def resume_state(config: Config, last: Path) -> dict | None:
     changes = [
         line
         for section in ("model", "data")
-        for line in diff_configs(saved[section], current[section], f"{section}.")
+        for line in diff_configs(
+            _without(saved[section], RESUMABLE_CHANGES),
+            _without(current[section], RESUMABLE_CHANGES),
+            f"{section}.",
+        )
     ]
     if saved["train"]["loss"] != current["train"]["loss"]:
         changes.append(f"train.loss: {saved['train']['loss']!r} -> {current['train']['loss']!r}")
@@ -150,6 +189,8 @@ def train_one_epoch(model, loader, optimizer, scaler, *, epoch, config, device, 
                     f"{iteration} (cases in the batch: {', '.join(batch[CASE_ID])}); lower "
                     "train.lr, check those cases with `liverseg check`, or set train.amp=off"
                 )
+            if iteration >= limit:
+                break
             continue
         bad_in_row = 0
         scaler.scale(loss).backward()
@@ -280,6 +321,7 @@ def fit(config: Config) -> dict:
     Returns:
         ``{"epoch", "best_metric", "metrics": last validation Dice, "run_dir"}``.
     """
+    check_config(config)
     run_dir = Path(config.run.dir)
     last, best = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
     cases = find_training_cases(config)
@@ -345,7 +387,7 @@ def fit(config: Config) -> dict:
         row.update({f"dice_{k}": f"{v:.4f}" for k, v in scores.items()})
         rows.append(row)
         score = selection_score(scores)
-        improved = math.isfinite(score) and score > best_metric
+        improved = math.isfinite(loss) and math.isfinite(score) and score > best_metric
         best_metric = score if improved else best_metric
         state = dict(
             model=model.state_dict(),

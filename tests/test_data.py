@@ -209,3 +209,18 @@ def test_seed_sized_patches_follow_probabilities(tmp_path):
     batch = next(iter(loader))
     assert batch["image"]["data"].shape == (5, 1, 96, 96, 96)
     assert batch["label"]["data"].shape == (5, 1, 96, 96, 96)
+
+
+def test_trailing_singleton_axis_is_read_as_3d(tmp_path):
+    label = toy_label((24, 24, 16))
+    hu = np.where(label > 0, 110, -100).astype(np.int16)
+    case = write_case(tmp_path, "liver_1", label[..., None], np.eye(4), hu=hu[..., None])
+    cached = preprocess_case(case, tmp_path / "cache", SETTINGS)
+    assert np.array_equal(np.load(cached.label), label)
+
+
+def test_rare_background_is_still_sampled_at_its_probability():
+    label = np.full((20, 20, 20), LIVER, np.uint8)
+    label[10, 10, 10] = BACKGROUND
+    freq, centres = centre_frequencies(label, {BACKGROUND: 0.5, LIVER: 0.5}, n=400, patch=4)
+    assert abs(freq[BACKGROUND] - 0.5) < 0.08

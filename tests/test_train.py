@@ -1,5 +1,6 @@
 import csv
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -73,7 +74,10 @@ def test_resume_continues_without_duplicate_rows(phantom_root, tmp_path):
     fit(load_config(None, tiny_overrides(phantom_root, run_dir, "train.epochs=1")))
     fit(load_config(None, tiny_overrides(phantom_root, run_dir, "train.epochs=3")))
     assert [r["epoch"] for r in read_rows(run_dir)] == ["1", "2", "3"]
-    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["epoch"] == 3
+    checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert checkpoint["epoch"] == 3
+    # the optimizer state went on: 3 epochs x (3 cases x 2 patches / batch 2) Adam steps
+    assert int(checkpoint["optimizer"]["state"][0]["step"]) == 9
 
 
 def test_resume_refuses_a_changed_model(phantom_root, tmp_path):
@@ -87,7 +91,7 @@ def test_resume_refuses_a_changed_model(phantom_root, tmp_path):
 def test_corrupted_last_checkpoint_is_a_clear_error(phantom_root, tmp_path):
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
-    (run_dir / "checkpoints" / "last.pt").write_bytes(os.urandom(300))
+    (run_dir / "checkpoints" / "last.pt").write_bytes(bytes(range(256)) * 2)
     with pytest.raises(CheckpointError, match="last.pt is corrupted"):
         fit(load_config(None, tiny_overrides(phantom_root, run_dir)))
 
@@ -148,3 +152,33 @@ def test_config_round_trips_through_a_checkpoint(tmp_path):
         tmp_path / "c.pt", model={}, config=to_dict(config), preprocessing={}, epoch=0
     )
     assert from_dict(load_checkpoint(path)["config"]) == config
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.hu_max=-500", "data.hu_max"),
+        ("train.loss=dice", "train.loss='dice': choose one of bce, bce_dice, ce, ce_dice"),
+        ("model.norm=group", "model.norm"),
+        ("data.patch_size=17", "data.patch_size=17 must be a multiple of 2"),
+    ],
+)
+def test_bad_settings_fail_before_any_data_is_read(tmp_path, override, message):
+    from liverseg.errors import ConfigError
+
+    # data.root does not exist: the config is refused before the dataset is looked at
+    overrides = tiny_overrides(tmp_path / "nowhere", tmp_path / "run", override)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        fit(load_config(None, overrides))
+
+
+def test_resume_accepts_moved_data_and_other_workers(phantom_root, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    fit(load_config(None, tiny_overrides(phantom_root, run_dir, "train.epochs=1")))
+    moved = tmp_path / "moved"
+    shutil.copytree(phantom_root, moved)
+    overrides = tiny_overrides(moved, run_dir, "train.epochs=2", "data.queue_length=4")
+    fit(load_config(None, overrides))
+    assert [r["epoch"] for r in read_rows(run_dir)] == ["1", "2"]
