@@ -13,7 +13,9 @@ The steps of :func:`predict_volume`:
    (Hann window by default).
 5. The probabilities go back to the stored orientation and, with ``zoom > 1``, are interpolated
    linearly onto the input grid, slab by slab, and decoded by :func:`liverseg.losses.to_labels`.
-6. Optional post-processing (:func:`postprocess_labels`).
+6. Optional post-processing (:func:`postprocess_labels`): the largest liver component only,
+   tumor outside the liver to BACKGROUND, tumor components below ``min_tumor_mm3`` relabelled
+   LIVER.
 
 The label map has exactly the input's shape and affine.
 """
@@ -93,10 +95,12 @@ class Postprocess:
 
     Attributes:
         keep_largest_liver: Keep only the largest 26-connected component of the liver including
-            tumor; everything else becomes BACKGROUND.
-        tumor_inside_liver: Drop (to BACKGROUND) tumor components that do not touch the liver
-            dilated by one voxel: a lesion floating outside the liver is a false positive.
-        min_tumor_mm3: Tumor components smaller than this (mm^3) become LIVER; 0 keeps all.
+            tumor; every voxel of the other components (liver and tumor) becomes BACKGROUND.
+        tumor_inside_liver: Tumor components that do not touch the liver dilated by one voxel
+            become BACKGROUND: a lesion floating outside the liver is a false positive.
+        min_tumor_mm3: Tumor components (26-connected) with a volume below this (mm^3) are
+            relabelled LIVER, not removed: the voxels stay in the liver, only the tumor label
+            goes. 0 keeps every tumor component.
     """
 
     keep_largest_liver: bool = True
@@ -353,27 +357,30 @@ def _inference_state(model: torch.nn.Module, device: torch.device, channels_last
     """Eval mode on ``device`` (channels-last 3D weights if asked); restore all on exit.
 
     Under bf16/fp16 autocast, channels-last weights and inputs let oneDNN/cuDNN pick their fast
-    kernels (about 1.7x on a CPU with bf16 support); in fp32 on CPU they are slower.
+    kernels (about 1.7x on a CPU with bf16 support); in fp32 on CPU they are slower. Every 5D
+    weight not yet channels-last is converted; the first conv's (in_channels=1) counts as
+    channels-last already, so it says nothing about the others. The converted parameters get
+    their original tensors (same storage and strides) back on exit.
     """
     param = next(model.parameters(), None)
     was_training = model.training
     old_device = param.device if param is not None else device
-    weights = [p for p in model.parameters() if p.ndim == 5]
-    to_channels_last = (
-        channels_last
-        and bool(weights)
-        and not weights[0].is_contiguous(memory_format=torch.channels_last_3d)
-    )
+    converted: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
     model.eval()
     try:
         if old_device != device:
             model.to(device)
-        if to_channels_last:
-            model.to(memory_format=torch.channels_last_3d)
+        if channels_last:
+            for weight in model.parameters():
+                if weight.ndim == 5 and not weight.is_contiguous(
+                    memory_format=torch.channels_last_3d
+                ):
+                    converted.append((weight, weight.data))
+                    weight.data = weight.data.contiguous(memory_format=torch.channels_last_3d)
         yield
     finally:
-        if to_channels_last:
-            model.to(memory_format=torch.contiguous_format)
+        for weight, original in converted:
+            weight.data = original
         if old_device != device:
             model.to(old_device)
         model.train(was_training)
@@ -565,9 +572,10 @@ def postprocess_labels(
 ) -> np.ndarray:
     """Clean a predicted label map; each step is switched by ``options`` (see :class:`Postprocess`).
 
-    Order: keep the largest liver component, drop tumor outside the liver, then turn tumor
-    components below ``min_tumor_mm3`` into LIVER (with the regions head they were inside the
-    liver region anyway).
+    Order: keep the largest liver component (the rest becomes BACKGROUND), set tumor outside the
+    liver to BACKGROUND, then relabel tumor components below ``min_tumor_mm3`` as LIVER (they are
+    not removed: with the regions head they were inside the liver region anyway, so the liver
+    volume keeps them).
 
     Args:
         labels: uint8 ``(W, H, D)`` in {BACKGROUND, LIVER, TUMOR}; not modified.

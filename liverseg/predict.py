@@ -4,6 +4,10 @@ For each input case ``<id>`` the output folder receives ``<id>_seg.nii.gz`` (uin
 input's shape and affine), ``<id>_report.json`` (:func:`liverseg.report.case_report`, with the
 input's HU) and a row of ``summary.csv``. Everything is written to a temporary name first, then
 renamed. One bad input is reported and skipped; the others are still processed.
+
+Inputs in the ``imagesTr``/``imagesTs`` folder of a root holding ``prepare.json`` were written by
+``liverseg prepare`` and are already reduced: they are predicted at their own resolution (zoom 1)
+whether or not ``prepared`` is passed, so they are never reduced twice.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from liverseg.cases import case_id_of, natural_key
 from liverseg.constants import HIDDEN_PREFIX
 from liverseg.files import atomic_path, save_nifti
 from liverseg.inference import load_model, predict_kwargs, predict_volume, read_volume
+from liverseg.prepare import RECORD_NAME, load_prepare_record
 from liverseg.report import case_report
 
 log = logging.getLogger(__name__)
@@ -108,6 +113,8 @@ def predict_paths(
         overwrite: Replace a case's existing outputs; otherwise that case is a failure.
         prepared: The inputs were reduced by ``liverseg prepare`` (predict at their resolution);
             otherwise they are originals, reduced by the checkpoint's factor and mapped back.
+            Inputs inside a folder written by ``liverseg prepare`` (see :func:`prepare_record_of`)
+            are predicted at their resolution either way, and a log line says so.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ...
 
     Returns:
@@ -120,6 +127,7 @@ def predict_paths(
 
     model, settings = load_model(checkpoint, device)
     kwargs = predict_kwargs(settings, prepared=prepared)
+    reduced_kwargs = predict_kwargs(settings, prepared=True)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files, failures = collect_inputs(inputs)
@@ -142,7 +150,12 @@ def predict_paths(
             continue
         start = time.perf_counter()
         try:
-            report = predict_case(model, path, name, outputs, kwargs, settings["min_tumor_mm3"])
+            case_kwargs = kwargs
+            if not prepared and _already_reduced(path, settings["factor"]):
+                case_kwargs = reduced_kwargs
+            report = predict_case(
+                model, path, name, outputs, case_kwargs, settings["min_tumor_mm3"]
+            )
         except Exception as exc:  # one bad case must not stop the others
             log.debug("prediction of %s failed", path, exc_info=True)
             message = str(exc).splitlines()[0] if str(exc) else ""
@@ -161,6 +174,47 @@ def predict_paths(
             )
         _write_summary(summary_path, rows)
     return failures
+
+
+def prepare_record_of(path: str | Path) -> Path | None:
+    """The ``prepare.json`` of the ``liverseg prepare`` output holding ``path``, or None.
+
+    That is ``<root>/prepare.json`` for ``path`` = ``<root>/imagesTr/<file>`` or
+    ``<root>/imagesTs/<file>``.
+    """
+    folder = Path(path).parent
+    if folder.name not in TASK03_IMAGE_FOLDERS:
+        return None
+    record = folder.parent / RECORD_NAME
+    return record if record.is_file() else None
+
+
+def _already_reduced(path: Path, checkpoint_factor: int) -> bool:
+    """Whether ``path`` was written by ``liverseg prepare`` (then it is predicted at zoom 1).
+
+    Raises:
+        DataError: The folder's ``prepare.json`` cannot be read.
+    """
+    record_path = prepare_record_of(path)
+    if record_path is None:
+        return False
+    factor = load_prepare_record(record_path.parent)["factor"]
+    log.info(
+        "%s lies in a folder written by `liverseg prepare` (%s, factor %s): predicting it at "
+        "its own resolution (zoom 1), not reducing it again",
+        path,
+        record_path,
+        factor,
+    )
+    if factor != checkpoint_factor:
+        log.warning(
+            "%s was reduced by factor %s but the checkpoint was trained on data reduced by %s; "
+            "predict the original scan instead",
+            path,
+            factor,
+            checkpoint_factor,
+        )
+    return True
 
 
 def predict_case(

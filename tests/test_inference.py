@@ -13,6 +13,7 @@ from liverseg.constants import BACKGROUND, LIVER, TUMOR
 from liverseg.errors import CheckpointError, DataError, LiversegError
 from liverseg.inference import (
     Postprocess,
+    _cpu_supports_bf16,
     load_model,
     patch_overlap_voxels,
     postprocess_labels,
@@ -186,11 +187,27 @@ def test_model_mode_is_restored(training):
     assert model.training is training
 
 
-def test_bf16_autocast_gives_the_same_labels():
-    labels = random_labels((20, 17, 12), seed=3)
-    kwargs = dict(**WINDOW, patch_size=16, postprocess=NO_POST)
-    fast = predict_volume(IdentityModel(), as_image(labels), amp="bf16", **kwargs)
-    np.testing.assert_array_equal(fast.labels, labels)
+def structured_ct(shape=(24, 24, 24), seed=0):
+    """-200 HU body, a 60 HU ball of radius 9 and a 180 HU core of radius 3, 10 HU noise."""
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"))
+    radius2 = ((grid - np.array(shape)[:, None, None, None] / 2) ** 2).sum(0)
+    ct = np.full(shape, -200.0)
+    ct[radius2 < 9**2] = 60.0
+    ct[radius2 < 3**2] = 180.0
+    return ct + np.random.default_rng(seed).normal(0, 10, shape)
+
+
+@pytest.mark.skipif(not _cpu_supports_bf16(), reason="this CPU has no bf16 support")
+def test_bf16_autocast_gives_the_same_labels_as_fp32():
+    torch.manual_seed(3)
+    model = UNet3D(1, 2, features=(16, 32))
+    image = as_image(structured_ct())
+    kwargs = dict(hu_min=-150, hu_max=250, patch_size=16, postprocess=NO_POST, device="cpu")
+    exact = predict_volume(model, image, amp="off", **kwargs).labels
+    fast = predict_volume(model, image, amp="bf16", **kwargs).labels
+    for label in (LIVER, TUMOR):
+        assert (exact == label).sum() > 500  # both classes present: the Dice means something
+        assert dice(fast == label, exact == label) >= 0.99
 
 
 def test_overlap_is_an_even_voxel_count():
@@ -333,13 +350,29 @@ def test_real_ct_with_tiny_random_model(real_ct):
     assert set(np.unique(prediction.labels)) <= {BACKGROUND, LIVER, TUMOR}
 
 
-def test_fast_path_leaves_the_model_as_it_was():
+def test_fast_path_uses_channels_last_and_leaves_the_model_as_it_was():
     torch.manual_seed(0)
     model = UNet3D(1, 2, features=(4, 8)).train()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = {k: (v.clone(), v.stride()) for k, v in model.state_dict().items()}
+    parameters = list(model.parameters())
+    # A conv with in_channels > 1: its weight is not channels-last unless converted.
+    deep = next(m for m in model.modules() if isinstance(m, nn.Conv3d) and m.in_channels > 1)
+    seen = []
+    deep.register_forward_hook(
+        lambda module, inputs, output: seen.append(
+            module.weight.is_contiguous(memory_format=torch.channels_last_3d)
+        )
+    )
     image = as_image(np.random.default_rng(0).normal(50, 80, (12, 10, 9)))
     predict_volume(model, image, hu_min=-150, hu_max=250, patch_size=8, amp="bf16")
+    assert seen and all(seen)
     assert model.training
+    assert all(a is b for a, b in zip(model.parameters(), parameters, strict=True))
     for key, value in model.state_dict().items():
-        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+        torch.testing.assert_close(value, before[key][0], rtol=0, atol=0)
+        assert value.stride() == before[key][1], key
         assert value.is_contiguous()
+    # fp32 keeps the standard layout throughout.
+    seen.clear()
+    predict_volume(model, image, hu_min=-150, hu_max=250, patch_size=8, amp="off")
+    assert seen and not any(seen)

@@ -168,3 +168,39 @@ def test_real_ct_predicts_and_reports(real_ct, tmp_path, checkpoint):
     report = json.loads((out / "real_ct_sm_report.json").read_text())
     assert report["spacing_mm"] == pytest.approx([3.0, 3.0, 3.0])
     assert read_summary(out)["real_ct_sm"]["status"] == "ok"
+
+
+@pytest.mark.parametrize("folder", ["imagesTr", "imagesTs"])
+def test_inputs_of_a_prepared_folder_are_not_reduced_again(
+    tmp_path, checkpoint, folder, monkeypatch, caplog
+):
+    import liverseg.predict
+
+    root = tmp_path / "Task03_prepared"
+    prepared_ct = write_ct(root / folder / "liver_3.nii.gz")
+    (root / "prepare.json").write_text(json.dumps({"factor": 2, "source_dir": "src", "cases": {}}))
+    original_ct = write_ct(tmp_path / "originals" / folder / "liver_4.nii.gz")
+    zooms = []
+    predict_volume = liverseg.predict.predict_volume
+
+    def spy(model, image, **kwargs):
+        zooms.append(kwargs["zoom"])
+        return predict_volume(model, image, **kwargs)
+
+    monkeypatch.setattr(liverseg.predict, "predict_volume", spy)
+    with caplog.at_level("INFO", logger="liverseg.predict"):
+        failures = predict_paths(checkpoint, [prepared_ct, original_ct], tmp_path / "out")
+    assert failures == []
+    assert zooms == [1, 2]  # the checkpoint's factor is 2: only the original is reduced
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("prepare.json" in m and "zoom 1" in m and "liver_3" in m for m in messages)
+    assert nib.load(str(tmp_path / "out" / "liver_3_seg.nii.gz")).shape == (20, 18, 12)
+
+
+def test_unreadable_prepare_record_fails_that_input(tmp_path, checkpoint):
+    root = tmp_path / "Task03_prepared"
+    ct = write_ct(root / "imagesTs" / "liver_5.nii.gz")
+    (root / "prepare.json").write_text("{not json")
+    failures = predict_paths(checkpoint, [ct], tmp_path / "out")
+    assert len(failures) == 1 and failures[0][0] == ct
+    assert "prepare.json" in failures[0][1]

@@ -224,3 +224,29 @@ def test_real_ct_animates(real_ct, tmp_path):
     liver_slices = int(np.asanyarray(nib.load(mask).dataobj).any(axis=(0, 1)).sum())
     with Image.open(out) as gif:
         assert gif.n_frames == liver_slices
+
+
+def test_scaled_ct_file_is_not_read_as_float64(tmp_path, monkeypatch):
+    import liverseg.visualize
+
+    ct, labels = _phantom()
+    stored = np.full(SHAPE, 540, dtype=np.int16)  # 540 * 0.5 - 230 = 40 HU
+    image = nib.Nifti1Image(stored, np.eye(4))
+    image.header.set_slope_inter(0.5, -230.0)
+    scaled, plain = tmp_path / "scaled.nii.gz", tmp_path / "plain.nii.gz"
+    nib.save(image, scaled)
+    nib.save(nib.Nifti1Image(ct, np.eye(4)), plain)
+    assert nib.load(scaled).get_fdata().dtype == np.float64  # what a careless read would give
+    fed = []
+    overlay = liverseg.visualize.overlay_rgb
+
+    def spy(ct_slice, *args, **kwargs):
+        fed.append((ct_slice.dtype, float(ct_slice[0, 0])))
+        return overlay(ct_slice, *args, **kwargs)
+
+    monkeypatch.setattr(liverseg.visualize, "overlay_rgb", spy)
+    _frames(animate(scaled, seg=labels, max_frames=2))
+    assert fed == [(np.dtype(np.float32), CT_HU)] * 2
+    fed.clear()
+    _frames(animate(plain, seg=labels, max_frames=2))
+    assert fed == [(np.dtype(np.int16), CT_HU)] * 2
