@@ -17,6 +17,7 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.openers import ImageOpener
 
 from liverseg.constants import LABEL_VALUES, LIVER, TUMOR
+from liverseg.report import spacing_is_trustworthy
 
 if TYPE_CHECKING:
     from liverseg.cases import Case
@@ -107,7 +108,8 @@ def _open_volume(path: Path, role: str) -> tuple[object | None, list[Problem]]:
             "is corrupt, replace the file"
         )
     spacing = _spacing_mm(img)
-    if not (np.all(np.isfinite(zooms)) and np.all(zooms > 0) and np.all(spacing > 0)):
+    finite = np.all(np.isfinite(zooms)) and np.all(np.isfinite(img.affine))
+    if not (finite and np.all(zooms > 0) and np.all(spacing > 0)):
         return err(
             f"{role} spacing is {zooms.tolist()} mm (affine: {spacing.round(4).tolist()} mm): "
             "expected positive finite voxel sizes; fix pixdim and the affine in the header"
@@ -252,14 +254,16 @@ def check_case(
     """
     image, problems = _open_volume(case.image, "image")
     if image is not None:
-        if np.allclose(np.abs(image.affine[:3, :3]), np.eye(3)):
+        if not spacing_is_trustworthy(image.affine):
             problems.append(
                 Problem(
                     WARNING,
                     case.image,
-                    "identity affine / 1 mm spacing: often a converter's default, not the true "
-                    "voxel size (Task03 cases 28-47); volumes in mL and sizes in mm from this "
-                    "header are unreliable. Set the true spacing in the header if known",
+                    f"identity-like affine (axis-aligned, {_spacing_mm(image)[0]:g} mm spacing "
+                    "on every axis): often a converter's default or its halving by `liverseg "
+                    "prepare`, not the true voxel size (Task03 cases 28-47); volumes in mL and "
+                    "sizes in mm from this header are unreliable. Set the true spacing in the "
+                    "header if known",
                 )
             )
         data, read_problems = _read_voxels(case.image, image, "image")

@@ -20,6 +20,7 @@ from liverseg.errors import DataError
 
 __all__ = [
     "Case",
+    "MissingTestFolderError",
     "Problem",
     "Problems",
     "check_case",
@@ -88,6 +89,10 @@ def _list_nifti(folder: Path) -> list[Path]:
     if hidden:
         log.info("%s: ignored %d hidden files (macOS ._ AppleDouble or dot files)", folder, hidden)
     return files
+
+
+class MissingTestFolderError(DataError):
+    """dataset.json lists test cases but ``imagesTs/`` does not exist."""
 
 
 class _DatasetJsonError(DataError):
@@ -187,6 +192,8 @@ def find_cases(root: str | Path, split: str = "training") -> list[Case]:
         without ``imagesTs`` and without test entries has no test cases (empty list).
 
     Raises:
+        MissingTestFolderError: ``split`` is ``"test"``, ``dataset.json`` lists test cases
+            but ``imagesTs/`` does not exist (a :class:`DataError`).
         DataError: ``root`` or the training folders do not exist, or ``dataset.json`` is
             malformed.
     """
@@ -211,7 +218,13 @@ def _find(root: Path, split: str, content: dict | None) -> list[Case]:
     cases = _entries_from_json(root, content, split) if content is not None else None
     folders = [root / f for f in SPLITS[split] if f is not None]
     missing = [str(f) for f in folders if not f.is_dir()]
-    if missing and (split == "training" or cases):
+    if missing and split == "test" and cases:
+        raise MissingTestFolderError(
+            f"{missing[0]}: not found, but {root / 'dataset.json'} lists {len(cases)} test "
+            f"case(s) in it (e.g. {cases[0].image.name}); expected the Task03 imagesTs/ folder. "
+            "Copy it from the archive, or empty the 'test' list if there are no test cases"
+        )
+    if missing and split == "training":
         raise DataError(
             f"{root}: looked for {' and '.join(missing)}, not found; expected the Task03 layout "
             "(imagesTr/, labelsTr/, imagesTs/); point at the folder that holds them"
@@ -237,7 +250,7 @@ def _discover(root: Path) -> tuple[list[Case], list[Problem]]:
     problems = []
     try:
         content = _read_dataset_json(root)
-        cases = _find(root, "training", content) + _find(root, "test", content)
+        cases = _find(root, "training", content) + _test_cases(root, content, problems)
     except _DatasetJsonError as exc:
         problems.append(Problem(ERROR, root / "dataset.json", str(exc)))
         content = None
@@ -256,6 +269,15 @@ def _discover(root: Path) -> tuple[list[Case], list[Problem]]:
                         )
                     )
     return cases, problems
+
+
+def _test_cases(root: Path, content: dict | None, problems: list[Problem]) -> list[Case]:
+    """The test cases, or none plus an error problem when their listed folder is missing."""
+    try:
+        return _find(root, "test", content)
+    except MissingTestFolderError as exc:
+        problems.append(Problem(ERROR, root / SPLITS["test"][0], str(exc)))
+        return []
 
 
 def _duplicate_problems(cases: list[Case]) -> list[Problem]:
@@ -297,6 +319,8 @@ def check_dataset(
 
     Raises:
         DataError: ``root`` or its ``imagesTr``/``labelsTr`` do not exist (nothing to check).
+            A missing ``imagesTs/`` whose cases ``dataset.json`` lists is an error problem of
+            that folder instead (its cases are not checked).
     """
     root = Path(root)
     problems: list[Problem] = []

@@ -17,6 +17,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from liverseg.cases import natural_key
 from liverseg.constants import BACKGROUND, DICE_CLASSES, HIDDEN_PREFIX, TUMOR
 from liverseg.errors import DataError
 from liverseg.files import atomic_path
@@ -106,8 +107,8 @@ def pair_cases(pred_dir: str | Path, gt_dir: str | Path) -> dict[str, tuple[Path
         gt_dir = gt_dir / "labelsTr"
     predictions = _cases(pred_dir, PRED_SUFFIXES, "prediction")
     truths = _cases(gt_dir, LABEL_SUFFIXES, "label")
-    extra = sorted(set(predictions) - set(truths), key=_natural)
-    missing = sorted(set(truths) - set(predictions), key=_natural)
+    extra = sorted(set(predictions) - set(truths), key=natural_key)
+    missing = sorted(set(truths) - set(predictions), key=natural_key)
     if extra or missing:
         problems = []
         if missing:
@@ -120,7 +121,7 @@ def pair_cases(pred_dir: str | Path, gt_dir: str | Path) -> dict[str, tuple[Path
             + f". Expected <case>_seg.nii.gz in {pred_dir} for every <case>.nii.gz in {gt_dir}; "
             "predict the missing cases or evaluate against a folder holding only these truths"
         )
-    return {case: (predictions[case], truths[case]) for case in sorted(truths, key=_natural)}
+    return {case: (predictions[case], truths[case]) for case in sorted(truths, key=natural_key)}
 
 
 def _cases(folder: Path, suffixes: tuple[str, ...], kind: str) -> dict[str, Path]:
@@ -200,16 +201,14 @@ def _load_labels(path: Path) -> np.ndarray:
 
 
 def _mean(values) -> float:
-    """Mean of the finite values (NaN: class absent in both; inf: absent in one)."""
-    finite = [v for v in values if math.isfinite(v)]
-    return float(np.mean(finite)) if finite else math.nan
+    """Mean over the cases where the metric is defined.
 
-
-def _natural(case: str) -> tuple:
-    """Sort key that puts liver_2 before liver_10."""
-    head = case.rstrip("0123456789")
-    tail = case[len(head) :]
-    return (head, int(tail) if tail else -1, case)
+    NaN (class absent from both prediction and truth) is left out; inf (class absent from
+    exactly one, e.g. a tumor entirely missed) is kept, so the mean is inf: a miss is never
+    hidden. NaN when no case defines the metric.
+    """
+    defined = [v for v in values if not math.isnan(v)]
+    return float(np.mean(defined)) if defined else math.nan
 
 
 def _write_csv(path: str | Path, rows: list[dict], mean_row: dict) -> None:
@@ -243,9 +242,9 @@ def _format_table(rows: list[dict], means: dict, global_dice: dict, detection: d
         "the two directed 95th percentiles"
     )
     lines.append(
-        "means are over cases where the metric is defined: NaN = class absent from both "
-        "prediction and truth (Dice, VOE, ASSD, HD95) or from the truth (RVD); "
-        "inf = class absent from exactly one of them (ASSD, HD95)"
+        "means leave out NaN = class absent from both prediction and truth (Dice, VOE, ASSD, "
+        "HD95) or from the truth (RVD); inf = class absent from exactly one of them (ASSD, "
+        "HD95: e.g. a missed tumor) is kept, so one inf case makes the mean inf"
     )
     for column in METRIC_COLUMNS:
         nan = sum(math.isnan(row[column]) for row in rows)

@@ -26,11 +26,14 @@ from scipy import ndimage
 from scipy.special import expit
 
 from liverseg.constants import BACKGROUND, LIVER, TUMOR
+from liverseg.errors import LiversegError
 from liverseg.files import atomic_path, save_nifti
 
 log = logging.getLogger(__name__)
 
 LPS_FRACTION = 0.3
+# Smallest phantom size per axis, voxels (the organs need a few voxels to be drawn at all).
+MIN_SIZE = 4
 TUMOR_FREE_FRACTION = 0.1
 # First bytes of a macOS AppleDouble file (the `._liver_N.nii.gz` litter of the real archive).
 APPLEDOUBLE_MAGIC = b"\x00\x05\x16\x07"
@@ -77,9 +80,7 @@ def render_case(
     fov_mm: tuple[float, float, float] | None = None,
 ) -> Phantom:
     """Draw one case with its tissue map (see :func:`generate_case`)."""
-    shape = tuple(int(n) for n in shape)
-    if len(shape) != 3 or min(shape) < 4:
-        raise ValueError(f"shape must be three sizes >= 4 voxels, got {shape}")
+    shape = _checked_shape(shape)
     # Independent streams: the tumors never move the anatomy, the noise never moves the tumors.
     geometry, anatomy, tumors, scanner = (
         np.random.default_rng(s) for s in np.random.SeedSequence(int(seed)).spawn(4)
@@ -117,6 +118,17 @@ def render_case(
     return Phantom(image, label, affine, tissue, lps, tumor_free)
 
 
+def _checked_shape(shape) -> tuple[int, int, int]:
+    """``shape`` as three ints, or a LiversegError saying what is allowed."""
+    sizes = tuple(shape)
+    allowed = f"three whole sizes >= {MIN_SIZE} voxels, e.g. --shape 64 64 48"
+    if len(sizes) != 3 or not all(float(n).is_integer() for n in sizes):
+        raise LiversegError(f"phantom shape: expected {allowed}; found {sizes}")
+    if min(sizes) < MIN_SIZE:
+        raise LiversegError(f"phantom shape {sizes} is too small: expected {allowed}")
+    return tuple(int(n) for n in sizes)
+
+
 def generate_case(
     shape: tuple[int, int, int] = (128, 128, 96),
     seed: int = 0,
@@ -140,6 +152,9 @@ def generate_case(
     Returns:
         ``(image, label, affine)``: image int16 HU ``(W, H, D)``; label uint8 with
         ``BACKGROUND``/``LIVER``/``TUMOR`` ``(W, H, D)``; affine 4 x 4 float64 in mm.
+
+    Raises:
+        LiversegError: ``shape`` is not three whole sizes >= ``MIN_SIZE``.
     """
     case = render_case(shape, seed, tumor_free=tumor_free, lps=lps, fov_mm=fov_mm)
     return case.image, case.label, case.affine
@@ -180,13 +195,18 @@ def write_dataset(
         seed: Dataset seed.
         test_cases: Unlabeled cases.
         junk: Also write macOS AppleDouble ``._liver_N.nii.gz`` files (not NIfTI) beside the
-            real ones in imagesTr and labelsTr, as in the real archive.
+            real ones in imagesTr, labelsTr and imagesTs, as in the real archive.
 
     Returns:
         ``out_dir``.
+
+    Raises:
+        LiversegError: A negative count, or a shape that is not three sizes >= ``MIN_SIZE``.
     """
-    if cases < 0 or test_cases < 0:
-        raise ValueError(f"cases and test_cases must be >= 0, got {cases} and {test_cases}")
+    for name, count in (("--cases", cases), ("--test-cases", test_cases)):
+        if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
+            raise LiversegError(f"{name}: expected a whole number >= 0, found {count!r}")
+    shape = _checked_shape(shape)
     out_dir = Path(out_dir)
     training = []
     for index in range(cases):
@@ -202,8 +222,11 @@ def write_dataset(
     test = []
     for index in range(cases, cases + test_cases):
         image, _, affine = generate_case(shape, case_seed(seed, index))
-        save_nifti(image, affine, out_dir / "imagesTs" / f"liver_{index}.nii.gz")
-        test.append(f"./imagesTs/liver_{index}.nii.gz")
+        name = f"liver_{index}.nii.gz"
+        save_nifti(image, affine, out_dir / "imagesTs" / name)
+        test.append(f"./imagesTs/{name}")
+        if junk:
+            _write_appledouble(out_dir / "imagesTs" / f"._{name}", index)
         log.info("phantom %d/%d written", index + 1, cases + test_cases)
     (out_dir / "imagesTs").mkdir(parents=True, exist_ok=True)
     manifest = {

@@ -3,7 +3,9 @@
 Every axis of every case is reduced by an integer ``factor`` (2: 512 x 512 x Z -> 256 x 256 x
 ceil(Z / 2)), and the result is written to a new folder in the same layout (``imagesTr``,
 ``labelsTr``, ``imagesTs``, ``dataset.json``) together with ``prepare.json``, which records the
-original and new geometry of each case so predictions can be mapped back.
+original and new geometry of each case so predictions can be mapped back, and whether the source's
+spacing can be trusted (``spacing_trusted``: false for an identity placeholder affine, whose halving
+no longer looks like one). A missing ``imagesTs`` means no test cases (with a warning).
 
 Geometry (block-centre convention): new voxel ``i`` covers old voxels ``i*f .. i*f+f-1`` along each
 axis and its centre lies at old voxel coordinate ``i*f + (f-1)/2``. The new shape is
@@ -50,10 +52,17 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
-from liverseg.cases import SPLITS, find_cases, label_affine_matches
+from liverseg.cases import (
+    SPLITS,
+    Case,
+    MissingTestFolderError,
+    find_cases,
+    label_affine_matches,
+)
 from liverseg.constants import BACKGROUND, LABEL_NAMES, LABEL_VALUES, LIVER, TUMOR
 from liverseg.errors import DataError, LiversegError
 from liverseg.files import atomic_path, save_nifti
+from liverseg.report import spacing_is_trustworthy
 
 logger = logging.getLogger(__name__)
 
@@ -262,8 +271,11 @@ def downsample_case(
     Returns:
         The case's record: ``factor``, ``source_image`` / ``source_label`` (path, size,
         mtime_ns), ``image`` / ``label`` (outputs), ``original_shape``, ``original_affine``,
-        ``new_shape``, ``new_affine`` (4 x 4 lists, mm) and, with a label,
-        ``original_label_affine`` and ``new_label_affine``.
+        ``new_shape``, ``new_affine`` (4 x 4 lists, mm), ``spacing_trusted`` (False when the
+        source's affine is an identity-like placeholder,
+        :func:`liverseg.report.spacing_is_trustworthy`: its mm are unreliable, and stay so in
+        the output, whatever its new spacing) and, with a label, ``original_label_affine`` and
+        ``new_label_affine``.
 
     Raises:
         DataError: A file is unreadable, not 3D, or the label's shape or values are wrong.
@@ -287,6 +299,7 @@ def downsample_case(
         "original_affine": affine.tolist(),
         "new_shape": list(reduced.shape),
         "new_affine": new_affine.tolist(),
+        "spacing_trusted": spacing_is_trustworthy(affine),
     }
     if label_path is None:
         return record
@@ -358,11 +371,20 @@ def _write_json(path: Path, content: dict) -> None:
         tmp.write_text(json.dumps(content, indent=1) + "\n")
 
 
+def _find_split(src: Path, split: str) -> list[Case]:
+    """The cases of ``split``; a missing test folder means no test cases, with a warning."""
+    try:
+        return find_cases(src, split=split)
+    except MissingTestFolderError as exc:
+        logger.warning("%s; preparing no test cases", exc)
+        return []
+
+
 def _jobs(src: Path, out: Path) -> list[dict]:
     """One job per case found in ``src``: ids, split, source and output paths."""
     jobs = []
     for split, (image_folder, label_folder) in SPLITS.items():
-        for case in find_cases(src, split=split):
+        for case in _find_split(src, split):
             has_label = label_folder is not None and case.label is not None
             jobs.append(
                 {
@@ -509,6 +531,14 @@ def _summary(src: Path, out: Path, factor: int, records: list[dict], written: in
             f" E.g. {first['case_id']}: {_times(first['original_shape'])} voxels of "
             f"{_times(old_mm, '.2f')} mm -> {_times(first['new_shape'])} of "
             f"{_times(new_mm, '.2f')} mm."
+        )
+    untrusted = [r["case_id"] for r in records if r.get("spacing_trusted") is False]
+    if untrusted:
+        text += (
+            f" {len(untrusted)} cases have an identity-like placeholder affine (spacing_trusted "
+            f"false), so their mm and mL stay unreliable: {', '.join(untrusted[:5])}"
+            + (", ..." if len(untrusted) > 5 else "")
+            + "."
         )
     return text + f" Geometry of every case: {out / RECORD_NAME}."
 

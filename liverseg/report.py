@@ -8,7 +8,8 @@ Everything is computed from a label volume and its 4 x 4 voxel-to-scanner affine
 - diameters are RECIST-like: in the axial slice where the lesion has most voxels, the longest
   chord between lesion voxel centres, and the longest chord perpendicular to it
   (:func:`liverseg.metrics.chord_diameters`), measured with the affine's real voxel sizes.
-  Centre-to-centre means a lesion ``n`` voxels across measures ``(n - 1)`` voxel sizes.
+  Centre-to-centre means a lesion ``n`` voxels across measures ``(n - 1)`` voxel sizes;
+- a placeholder affine (identity-like, see :func:`spacing_is_trustworthy`) gets a warning.
 
 Research use only, not for diagnosis.
 """
@@ -23,25 +24,57 @@ from liverseg.errors import DataError
 from liverseg.metrics import bounding_box, chord_diameters, lesions
 
 DISCLAIMER = "research use only, not for diagnosis"
+# The voxel sizes a converter's placeholder affine shows: the identity's 1 mm, and 2 or 4 mm
+# after `liverseg prepare` halved it once or twice (or reduced it by 4).
+PLACEHOLDER_SPACINGS_MM = (1.0, 2.0, 4.0)
+_EXACT_MM = 1e-6
 UNTRUSTED_SPACING_WARNING = (
-    "the header gives an identity affine / exactly 1 mm isotropic voxels, which is usually not the "
-    "true voxel size (e.g. Task03 cases 28-47 from 3D-IRCADb): volumes in mL, diameters in mm and "
-    "the lesion size threshold are unreliable for this case"
+    "the header gives an axis-aligned affine with exactly 1, 2 or 4 mm isotropic voxels: an "
+    "identity placeholder (or its halving by `liverseg prepare`), usually not the true voxel size "
+    "(e.g. Task03 cases 28-47 from 3D-IRCADb): volumes in mL, diameters in mm and the lesion size "
+    "threshold are unreliable for this case"
 )
 
 
 def spacing_is_trustworthy(affine: np.ndarray) -> bool:
-    """Whether the affine's voxel size can be believed.
+    """Whether the affine's voxel size can be believed, or looks like a lost-spacing placeholder.
+
+    The rule: untrusted when the rotation part is a signed permutation (axis-aligned, any
+    flips or axis order) and the three voxel sizes are equal and exactly 1, 2 or 4 mm
+    (``PLACEHOLDER_SPACINGS_MM``, to 1e-6 mm). That is the identity a converter writes when the
+    true spacing is lost (Task03 cases 28-47) and what ``liverseg prepare`` makes of it
+    (:func:`liverseg.prepare.downsampled_affine` with factor 2, twice, or 4). The origin is
+    ignored, so shifted or halved identities (origin 0.5) are caught too.
+
+    Limits: a genuine axis-aligned scan of exactly 1, 2 or 4 mm isotropic voxels is flagged
+    (rare for abdominal CT, whose slices are thicker than its pixels); an identity reduced by
+    another factor (3 mm, 6 mm) or resampled to anything else is not recognised, so
+    ``liverseg prepare`` records the source's verdict as ``spacing_trusted`` in prepare.json.
+    An oblique 1 mm grid is trusted: a placeholder is never rotated.
 
     Args:
         affine: 4 x 4 voxel-to-scanner matrix, mm.
 
     Returns:
-        False for an identity affine or exactly 1 mm isotropic voxels (the placeholder written
-        when the true spacing was lost), True otherwise.
+        False for such placeholder geometry, True otherwise.
+
+    Raises:
+        DataError: ``affine`` is not a finite 4 x 4 matrix.
     """
-    affine = _as_affine(affine)
-    return not np.allclose(voxel_sizes_mm(affine), 1.0, rtol=0, atol=1e-6)
+    linear = _as_matrix(affine)[:3, :3]
+    sizes = np.linalg.norm(linear, axis=0)
+    size = sizes[0]
+    if not np.any(np.isclose(size, PLACEHOLDER_SPACINGS_MM, rtol=0, atol=_EXACT_MM)):
+        return True
+    if not np.allclose(sizes, size, rtol=0, atol=_EXACT_MM):
+        return True
+    # Axis-aligned: each column of the direction matrix is +-1 on one axis, 0 elsewhere, and
+    # each scanner axis is hit once.
+    directions = np.abs(linear / size)
+    one_hot = np.isclose(directions, 1.0, rtol=0, atol=_EXACT_MM)
+    zero = np.isclose(directions, 0.0, rtol=0, atol=_EXACT_MM)
+    each_once = np.all(one_hot.sum(axis=0) == 1) and np.all(one_hot.sum(axis=1) == 1)
+    return not (np.all(one_hot | zero) and each_once)
 
 
 def voxel_sizes_mm(affine: np.ndarray) -> np.ndarray:
@@ -116,7 +149,8 @@ def case_report(
     liver_incl_ml = (liver_voxels + tumor_voxels) * voxel_mm3 / 1000.0
     tumor_ml = tumor_voxels * voxel_mm3 / 1000.0
     rows, small = _lesion_rows(labels, affine, image_hu, min_tumor_mm3)
-    warnings = [] if spacing_is_trustworthy(affine) else [UNTRUSTED_SPACING_WARNING]
+    trusted = spacing_is_trustworthy(affine)
+    warnings = [] if trusted else [UNTRUSTED_SPACING_WARNING]
     if tumor_voxels and liver_voxels == 0:
         warnings.append("tumor without liver in the labels")
     return {
@@ -125,7 +159,7 @@ def case_report(
         "warnings": warnings,
         "spacing_mm": [float(s) for s in voxel_sizes_mm(affine)],
         "voxel_volume_mm3": voxel_mm3,
-        "spacing_trustworthy": spacing_is_trustworthy(affine),
+        "spacing_trustworthy": trusted,
         "axial_axis": axial_axis(affine),
         "liver_volume_ml": liver_incl_ml,
         "liver_volume_definition": "liver including tumor (labels liver + tumor)",
@@ -249,10 +283,15 @@ def _voxel_mm3(affine: np.ndarray) -> float:
     return float(abs(np.linalg.det(affine[:3, :3])))
 
 
-def _as_affine(affine: np.ndarray) -> np.ndarray:
+def _as_matrix(affine: np.ndarray) -> np.ndarray:
     affine = np.asarray(affine, dtype=np.float64)
     if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
         raise DataError(f"expected a finite 4 x 4 affine, found shape {affine.shape}")
+    return affine
+
+
+def _as_affine(affine: np.ndarray) -> np.ndarray:
+    affine = _as_matrix(affine)
     if abs(np.linalg.det(affine[:3, :3])) == 0:
         raise DataError("the affine is singular (zero voxel volume); check the NIfTI header")
     return affine

@@ -12,6 +12,7 @@ import pytest
 import liverseg.case_checks
 from liverseg.cases import (
     Case,
+    MissingTestFolderError,
     check_case,
     check_dataset,
     find_cases,
@@ -23,6 +24,7 @@ from liverseg.cases import (
 from liverseg.cli import main
 from liverseg.constants import LIVER, TUMOR
 from liverseg.errors import DataError
+from liverseg.prepare import downsampled_affine
 
 SHAPE = (24, 20, 16)
 AFFINE = np.array(
@@ -193,6 +195,19 @@ def test_check_covers_test_images_and_needs_the_training_folders(tmp_path):
         check_dataset(tmp_path / "empty")
 
 
+def test_listed_test_cases_without_their_folder_are_one_problem(tmp_path, capsys):
+    write_case(tmp_path, 1)
+    write_dataset_json(tmp_path, [1], test_ids=[132, 133])
+    with pytest.raises(MissingTestFolderError, match="lists 2 test case"):
+        find_cases(tmp_path, "test")
+    problems = check_dataset(tmp_path)
+    problem = only(problems, tmp_path / "imagesTs")
+    assert problem.severity == "error" and "not found" in problem.message
+    assert problems.n_cases == 1  # the training case was still checked
+    assert main(["check", str(tmp_path)]) == 1
+    assert str(tmp_path / "imagesTs") in capsys.readouterr().out
+
+
 def test_duplicate_ids_are_errors(tmp_path):
     case = write_case(tmp_path, 1)
     image, _ = phantom(1)
@@ -251,6 +266,12 @@ def _bad_spacing(value):
         return case.image
 
     return breaker
+
+
+def _infinite_affine(root):
+    case = write_case(root, 1)
+    patch_header(case.image, srow_x=[np.inf, 0, 0, 90.0])
+    return case.image
 
 
 def _two_d(root):
@@ -318,13 +339,14 @@ BROKEN = {
     "zero spacing": (_bad_spacing(0.0), "error", "positive finite voxel sizes"),
     "nan spacing": (_bad_spacing(np.nan), "error", "positive finite voxel sizes"),
     "negative spacing": (_bad_spacing(-0.8), "error", "positive finite voxel sizes"),
+    "infinite affine": (_infinite_affine, "error", "positive finite voxel sizes"),
     "2d": (_two_d, "error", "expected a 3D volume"),
     "4d": (_four_d, "error", "expected a 3D volume"),
     "trailing 1": (_trailing_singleton, "warning", "read as 3D"),
     "nan voxels": (_nan_voxels, "error", "2 NaN/Inf voxels"),
     "label 5": (_label_value_five, "error", "label values [5]"),
     "fractional": (_fractional_label, "error", "non-integral values [0.5]"),
-    "identity": (_identity_affine, "warning", "1 mm spacing"),
+    "identity": (_identity_affine, "warning", "identity-like affine (axis-aligned, 1 mm spacing"),
     "normalised": (_normalised, "warning", "intensities span [0, 1]"),
     "no air": (_offset_no_air, "warning", "expected CT in HU"),
     "tumor free": (_tumor_free, "warning", "no tumor voxel"),
@@ -352,6 +374,17 @@ def test_offset_storage_with_scl_inter_is_hu(tmp_path):
 def test_flipped_identity_affine_is_warned(tmp_path):
     path = write_case(tmp_path, 1, affine=np.diag([-1.0, -1.0, 1.0, 1.0])).image
     assert "1 mm spacing" in only(check_dataset(tmp_path), path).message
+
+
+@pytest.mark.parametrize("times", [1, 2])
+def test_identity_halved_by_prepare_is_still_warned(tmp_path, times):
+    affine = np.eye(4)
+    for _ in range(times):
+        affine = downsampled_affine(affine, 2)
+    path = write_case(tmp_path, 1, affine=affine).image
+    problem = only(check_dataset(tmp_path), path)
+    assert problem.severity == "warning"
+    assert f"identity-like affine (axis-aligned, {2**times} mm spacing" in problem.message
 
 
 def test_absurd_header_is_refused_before_reading_voxels(tmp_path, monkeypatch):

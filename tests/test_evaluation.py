@@ -85,15 +85,42 @@ def test_evaluate_folders_by_hand(folders, tmp_path):
     assert "recall 1.0000 (1/1 true lesions found)" in table
 
 
-def test_a_tumor_in_one_mask_only_is_inf_and_left_out_of_means(folders):
+def test_a_hallucinated_tumor_is_inf_and_makes_the_mean_inf(folders, tmp_path):
     preds, root = folders
     save_nifti(_labels(5, 6), AFFINE, preds / "liver_1_seg.nii.gz")
-    table = evaluate_folders(preds, root)
+    out = tmp_path / "m.csv"
+    table = evaluate_folders(preds, root, out_csv=out)
     assert "assd_tumor: 0 NaN, 1 inf of 2 cases" in table
     assert "dice_tumor: 0 NaN, 0 inf" not in table  # Dice 0 is a number, not listed
     mean_line = next(line for line in table.splitlines() if line.lstrip().startswith("mean"))
-    assert mean_line.split()[-2:] == ["0.7500", "1.5000"]  # liver_0's tumor ASSD, HD95
+    assert mean_line.split()[-2:] == ["inf", "inf"]  # ASSD, HD95 of the tumor
+    assert math.isinf(float(_read_csv(out)["mean"]["hd95_tumor"]))
+    assert "one inf case makes the mean inf" in table
     assert "precision 0.5000 (1/2 predicted lesions hit)" in table
+
+
+def test_a_missed_tumor_is_not_hidden_by_the_mean(folders, tmp_path):
+    preds, root = folders
+    # liver_2: a tumor the prediction misses entirely; liver_0's tumor is found (ASSD 0.75 mm).
+    save_nifti(_labels(6, 4), AFFINE, root / "labelsTr" / "liver_2.nii.gz")
+    save_nifti(_labels(6, None), AFFINE, preds / "liver_2_seg.nii.gz")
+    out = tmp_path / "m.csv"
+    table = evaluate_folders(preds, root, out_csv=out)
+    rows = _read_csv(out)
+    assert math.isinf(float(rows["liver_2"]["assd_tumor"]))
+    assert math.isinf(float(rows["mean"]["assd_tumor"]))
+    assert math.isinf(float(rows["mean"]["hd95_tumor"]))
+    # NaN (liver_1: no tumor anywhere) is still left out: Dice (0.5 + 0) / 2.
+    assert float(rows["mean"]["dice_tumor"]) == pytest.approx(0.25)
+    assert "assd_tumor: 1 NaN, 1 inf of 3 cases" in table
+
+
+def test_cases_are_paired_in_natural_order(tmp_path):
+    truths, preds = tmp_path / "gt", tmp_path / "pred"
+    for case in ("p10_ct", "p2_ct", "p1_ct"):
+        save_nifti(_labels(6, None), AFFINE, truths / f"{case}.nii.gz")
+        save_nifti(_labels(6, None), AFFINE, preds / f"{case}_seg.nii.gz")
+    assert list(pair_cases(preds, truths)) == ["p1_ct", "p2_ct", "p10_ct"]
 
 
 def test_flat_truth_folder_and_labels_keep_their_dtype(folders, tmp_path):

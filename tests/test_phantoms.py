@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from nibabel.filebasedimages import ImageFileError
 
+from liverseg.cli import main
 from liverseg.constants import BACKGROUND, LABEL_VALUES, LIVER, TUMOR
+from liverseg.errors import LiversegError
 from liverseg.phantoms import (
     APPLEDOUBLE_MAGIC,
     TISSUES,
@@ -178,7 +180,8 @@ def test_junk_appledouble_files_only_when_asked(tmp_path):
     assert not list(clean.rglob("._*"))
     messy = write_dataset(tmp_path / "messy", cases=2, shape=TINY, test_cases=1, junk=True)
     junk = sorted(str(p.relative_to(messy)) for p in messy.rglob("._*"))
-    assert junk == [f"{d}/._liver_{i}.nii.gz" for d in ("imagesTr", "labelsTr") for i in range(2)]
+    expected = [f"{d}/._liver_{i}.nii.gz" for d in ("imagesTr", "labelsTr") for i in range(2)]
+    assert junk == sorted([*expected, "imagesTs/._liver_2.nii.gz"])
     for name in junk:
         data = (messy / name).read_bytes()
         assert data.startswith(APPLEDOUBLE_MAGIC) and 100 < len(data) < 4096
@@ -189,5 +192,22 @@ def test_junk_appledouble_files_only_when_asked(tmp_path):
 
 
 def test_a_bad_shape_is_refused():
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(LiversegError, match="three whole sizes >= 4"):
         generate_case((32, 32), 0)
+    with pytest.raises(LiversegError, match="too small"):
+        generate_case((32, 32, 3), 0)
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--cases", "-1"], "--cases: expected a whole number >= 0, found -1"),
+        (["--test-cases", "-2"], "--test-cases: expected a whole number >= 0"),
+        (["--shape", "2", "32", "24"], "too small: expected three whole sizes >= 4 voxels"),
+    ],
+)
+def test_cli_phantoms_bad_arguments_exit_2_with_one_line(tmp_path, capsys, args, words):
+    assert main(["phantoms", str(tmp_path / "out"), "--cases", "1", *args]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from liverseg import prepare
-from liverseg.cases import find_cases
+from liverseg.cases import check_dataset, find_cases
 from liverseg.cli import main
 from liverseg.constants import BACKGROUND, LABEL_VALUES, LIVER, TUMOR
 from liverseg.errors import DataError
@@ -289,6 +289,34 @@ def test_cli_prepare_end_to_end(tmp_path, capsys):
             assert set(np.unique(np.asanyarray(nib.load(case.label).dataobj))) <= {0, 1, 2}
     assert record["cases"]["liver_3"]["label"] is None
     assert not (out / "imagesTr" / "._liver_0.nii.gz").exists()
+
+
+def test_identity_source_is_recorded_untrusted_and_stays_warned(tmp_path, capsys):
+    src, out = _task03(tmp_path / "src", n_train=2, n_test=0), tmp_path / "out"
+    image, label = _phantom(seed=9)
+    _write(src / "imagesTr" / "liver_0.nii.gz", image, np.eye(4))
+    _write(src / "labelsTr" / "liver_0.nii.gz", label, np.eye(4))
+    assert main(["prepare", str(src), str(out), "--workers", "1"]) == 0
+    assert "1 cases have an identity-like placeholder affine" in capsys.readouterr().out
+    cases = load_prepare_record(out)["cases"]
+    assert cases["liver_0"]["spacing_trusted"] is False
+    assert cases["liver_1"]["spacing_trusted"] is True
+    # The halved identity (2 mm, origin 0.5) is still recognised by the data doctor.
+    halved = out / "imagesTr" / "liver_0.nii.gz"
+    warned = [p.path for p in check_dataset(out) if "identity-like" in p.message]
+    assert warned == [halved]
+
+
+def test_listed_test_cases_without_imagests_mean_no_test_cases(tmp_path, caplog):
+    src, out = _task03(tmp_path / "src", n_train=2, n_test=1), tmp_path / "out"
+    for path in (src / "imagesTs").iterdir():
+        path.unlink()
+    (src / "imagesTs").rmdir()
+    summary = prepare_dataset(src, out, workers=1)
+    assert "prepared 2 cases (2 training with labels, 0 test)" in summary
+    assert any("imagesTs" in r.message and r.levelname == "WARNING" for r in caplog.records)
+    dataset = json.loads((out / "dataset.json").read_text())
+    assert dataset["test"] == [] and dataset["numTest"] == 0
 
 
 def test_resume_after_interruption_skips_finished_cases(tmp_path, monkeypatch):

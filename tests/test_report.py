@@ -10,6 +10,7 @@ import pytest
 
 from liverseg.constants import BACKGROUND, LIVER, TUMOR
 from liverseg.errors import DataError
+from liverseg.prepare import downsampled_affine
 from liverseg.report import (
     DISCLAIMER,
     axial_axis,
@@ -130,6 +131,52 @@ def test_untrustworthy_spacing_is_flagged():
     assert "WARNING" in text and "liver_30" in text
 
 
+# A real-looking LPS affine: 0.7 mm in-plane, 2.5 mm slices.
+REAL_LOOKING = np.array(
+    [[-0.7, 0, 0, 180.0], [0, -0.7, 0, 160.0], [0, 0, 2.5, -400.0], [0, 0, 0, 1]], dtype=float
+)
+HALVED_IDENTITY = downsampled_affine(np.eye(4), 2)
+PLACEHOLDERS = {
+    "identity": np.eye(4),
+    "identity halved by prepare": HALVED_IDENTITY,
+    "identity halved twice": downsampled_affine(HALVED_IDENTITY, 2),
+    "identity reduced by 4": downsampled_affine(np.eye(4), 4),
+    "axes swapped and flipped": np.array(
+        [[0, -1.0, 0, 5], [1.0, 0, 0, 0], [0, 0, -1.0, 9], [0, 0, 0, 1]]
+    ),
+}
+REAL_GEOMETRIES = {
+    "0.7 mm in-plane, 2.5 mm slices": REAL_LOOKING,
+    "the same halved": downsampled_affine(REAL_LOOKING, 2),
+    "2 mm but not isotropic": np.diag([2.0, 2.0, 4.0, 1.0]),
+    "isotropic 1.5 mm": np.diag([1.5, 1.5, 1.5, 1.0]),
+    "oblique 1 mm": np.array(
+        [[0.8, -0.6, 0, 0], [0.6, 0.8, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1]], dtype=float
+    ),
+}
+
+
+@pytest.mark.parametrize("name", PLACEHOLDERS)
+def test_placeholder_spacing_is_untrusted_also_after_prepare(name):
+    affine = PLACEHOLDERS[name]
+    assert not spacing_is_trustworthy(affine)
+    report = case_report(_phantom(), affine, case_id="liver_30")
+    assert not report["spacing_trustworthy"]
+    assert any("28-47" in warning for warning in report["warnings"])
+
+
+@pytest.mark.parametrize("name", REAL_GEOMETRIES)
+def test_real_geometry_is_trusted(name):
+    assert spacing_is_trustworthy(REAL_GEOMETRIES[name])
+    assert case_report(_phantom(), REAL_GEOMETRIES[name])["warnings"] == []
+
+
+def test_halved_identity_has_2_mm_voxels_and_a_moved_origin():
+    # What the predicate has to see through: neither an identity nor 1 mm any more.
+    np.testing.assert_array_equal(HALVED_IDENTITY[:3, :3], 2 * np.eye(3))
+    np.testing.assert_array_equal(HALVED_IDENTITY[:3, 3], [0.5, 0.5, 0.5])
+
+
 def test_report_text_and_json_without_liver():
     labels = np.zeros((5, 5, 5), dtype=np.uint8)
     report = case_report(labels, np.diag([*SPACING, 1.0]))
@@ -160,5 +207,6 @@ def test_real_liver_report(real_ct):
     assert report["liver_volume_ml"] == pytest.approx((labels > 0).sum() * voxel_mm3 / 1000)
     assert 500 < report["liver_volume_ml"] < 3500  # an adult liver
     assert report["spacing_trustworthy"] and report["warnings"] == []
+    assert spacing_is_trustworthy(downsampled_affine(mask.affine, 2))
     assert report["axial_axis"] == 2
     json.dumps(report, allow_nan=False)
