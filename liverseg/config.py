@@ -67,6 +67,8 @@ class TrainConfig:
 
     epochs: int = 100
     lr: float = 1e-4
+    # "constant" (the seed) or "poly": lr * (1 - (epoch - 1) / epochs) ** 0.9, nnU-Net's decay.
+    lr_schedule: str = "constant"
     loss: str = "bce"
     device: str = "auto"
     # "auto": bf16/fp16 autocast on CUDA, fp32 elsewhere; "bf16", "fp16" or "off" force it.

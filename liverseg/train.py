@@ -111,6 +111,19 @@ def _without(section: dict, keys: tuple[str, ...]) -> dict:
     return {k: v for k, v in section.items() if k not in keys}
 
 
+LR_SCHEDULES = ("constant", "poly")
+
+
+def learning_rate(lr: float, schedule: str, epoch: int, epochs: int) -> float:
+    """The learning rate of ``epoch`` (1-based): constant, or nnU-Net's polynomial decay.
+
+    A function of the epoch alone, so a resumed run continues on the same curve.
+    """
+    if schedule == "poly":
+        return lr * (1 - (epoch - 1) / epochs) ** 0.9
+    return lr
+
+
 def check_config(config: Config) -> None:
     """Refuse settings that would only fail after the dataset check and cache build.
 
@@ -125,6 +138,11 @@ def check_config(config: Config) -> None:
         problems.append(f"train.loss={config.train.loss!r}: choose one of {', '.join(LOSSES)}")
     if model.norm not in NORMS:
         problems.append(f"model.norm={model.norm!r}: choose one of {', '.join(NORMS)}")
+    if config.train.lr_schedule not in LR_SCHEDULES:
+        problems.append(
+            f"train.lr_schedule={config.train.lr_schedule!r}: choose one of "
+            + ", ".join(LR_SCHEDULES)
+        )
     if config.train.amp not in AMP_MODES:
         problems.append(f"train.amp={config.train.amp!r}: choose one of {', '.join(AMP_MODES)}")
     multiple = 2 ** (len(model.features) - 1)
@@ -371,6 +389,10 @@ def fit(config: Config) -> dict:
         total=config.train.epochs,
     ):
         started = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(
+                config.train.lr, config.train.lr_schedule, epoch, config.train.epochs
+            )
         loss = train_one_epoch(
             model, loader, optimizer, scaler, epoch=epoch, config=config, device=device, dtype=dtype
         )

@@ -182,3 +182,16 @@ def test_resume_accepts_moved_data_and_other_workers(phantom_root, tmp_path):
     overrides = tiny_overrides(moved, run_dir, "train.epochs=2", "data.queue_length=4")
     fit(load_config(None, overrides))
     assert [r["epoch"] for r in read_rows(run_dir)] == ["1", "2"]
+
+
+def test_poly_schedule_decays_and_is_logged(phantom_root, tmp_path):
+    from liverseg.train import learning_rate
+
+    assert learning_rate(1e-3, "constant", 7, 10) == 1e-3
+    assert learning_rate(1e-3, "poly", 1, 10) == 1e-3
+    assert learning_rate(1e-3, "poly", 6, 10) == pytest.approx(1e-3 * 0.5**0.9)
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(phantom_root, run_dir, "train.lr_schedule=poly", "train.lr=0.01")
+    fit(load_config(None, overrides))
+    lrs = [float(r["lr"]) for r in read_rows(run_dir)]
+    assert lrs == pytest.approx([0.01, 0.01 * 0.5**0.9])
