@@ -17,6 +17,7 @@ from typing import Any, Union
 
 import yaml
 
+from liverseg.constants import BACKGROUND, LIVER, TUMOR
 from liverseg.errors import ConfigError
 
 
@@ -36,7 +37,9 @@ class DataConfig:
     hu_min: float = -150.0
     hu_max: float = 250.0
     patch_size: int = 96
-    label_probabilities: dict[int, float] = field(default_factory=lambda: {0: 0.2, 1: 0.3, 2: 0.5})
+    label_probabilities: dict[int, float] = field(
+        default_factory=lambda: {BACKGROUND: 0.2, LIVER: 0.3, TUMOR: 0.5}
+    )
     samples_per_volume: int = 5
     queue_length: int = 40
     batch_size: int = 2
