@@ -42,6 +42,7 @@ from liverseg.checkpoints import load_checkpoint
 from liverseg.config import from_dict
 from liverseg.constants import BACKGROUND, LIVER, TUMOR
 from liverseg.errors import CheckpointError, ConfigError, DataError, LiversegError
+from liverseg.files import stored_voxels
 from liverseg.losses import out_channels, to_labels, to_probabilities
 from liverseg.model import UNet3D
 from liverseg.prepare import downsample_image, downsampled_affine
@@ -255,9 +256,7 @@ def read_volume(
                     raise DataError(f"{path}: file not found; expected a .nii or .nii.gz CT")
                 image = nib.load(str(path))
             affine = np.asarray(image.affine, dtype=np.float64)
-            proxy = image.dataobj
-            scaled = getattr(proxy, "slope", 1.0) != 1 or getattr(proxy, "inter", 0.0) != 0
-            data = image.get_fdata(dtype=np.float32) if scaled else np.asanyarray(proxy)
+            data = stored_voxels(image)
     except (nib.filebasedimages.ImageFileError, OSError, EOFError, zlib.error, ValueError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(f"{name}: cannot read it as a NIfTI CT volume ({reason})") from None

@@ -29,7 +29,7 @@ import numpy as np
 
 from liverseg.constants import LABEL_NAMES, LABEL_VALUES, LIVER, TUMOR
 from liverseg.errors import DataError, LiversegError
-from liverseg.files import atomic_path
+from liverseg.files import atomic_path, stored_voxels
 
 if TYPE_CHECKING:
     from matplotlib.animation import Animation
@@ -288,29 +288,13 @@ def _read_nifti(path: Path, role: str) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{role} file {path} not found; expected a NIfTI file (.nii or .nii.gz)")
     try:
         image = nib.load(str(path))
-        data = _stored_voxels(image)
+        data = stored_voxels(image)
     except Exception as exc:  # nibabel raises many types for a file that is not NIfTI
         raise DataError(
             f"{role} file {path} could not be read as NIfTI ({exc}); "
             "expected a .nii or .nii.gz image (macOS ._ files are not images)"
         ) from exc
     return _as_volume(data, f"{role} file {path}"), image.affine
-
-
-def _stored_voxels(image: nib.spatialimages.SpatialImage) -> np.ndarray:
-    """The voxels without a float64 copy, as :func:`liverseg.inference.read_volume` reads them.
-
-    Integer data stay at their stored dtype (int16 CT: 2 bytes a voxel); scaled data
-    (``scl_slope``/``scl_inter``) and float data become float32. ``np.asanyarray(dataobj)`` would
-    give float64 for scaled files: > 1.7 GB for the largest Task03 CTs. Not taken from
-    ``liverseg.inference`` so that animating needs no torch.
-    """
-    proxy = image.dataobj
-    scaled = getattr(proxy, "slope", 1.0) != 1 or getattr(proxy, "inter", 0.0) != 0
-    data = image.get_fdata(dtype=np.float32) if scaled else np.asanyarray(proxy)
-    if data.dtype.kind == "f" and data.dtype != np.float32:
-        data = data.astype(np.float32)
-    return data
 
 
 def _as_volume(data: np.ndarray, name: str) -> np.ndarray:
