@@ -59,6 +59,18 @@ def build_model(config: Config) -> UNet3D:
     )
 
 
+def training_layout(device: torch.device, dtype: torch.dtype | None) -> torch.memory_format:
+    """Channels-last 3D under autocast on CUDA (cuDNN's tensor-core kernels), else contiguous.
+
+    On our 2-core CPU a bf16 training step (forward, backward, Adam) was faster contiguous:
+    0.172 s vs 0.202 s for the demo model on 2 x 48^3, 1.67 s vs 2.06 s for the default one on
+    2 x 64^3 (inference is the other way round; see liverseg.inference.uses_channels_last).
+    """
+    if device.type == "cuda" and dtype is not None:
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
 def training_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``train.amp``: "auto" is mixed precision on CUDA only (None: fp32)."""
     if amp not in AMP_MODES:
@@ -189,8 +201,7 @@ def train_one_epoch(model, loader, optimizer, scaler, *, epoch, config, device, 
     total, count, bad_in_row = 0.0, 0, 0
     limit = config.train.iterations_per_epoch or len(loader)
     bar = tqdm(loader, total=limit, desc=f"epoch {epoch}", unit="it", leave=False)
-    # channels-last lets oneDNN/cuDNN pick their fast 3D kernels under mixed precision.
-    layout = torch.channels_last_3d if dtype else torch.contiguous_format
+    layout = training_layout(device, dtype)
     for iteration, batch in enumerate(bar, start=1):
         image = batch[IMAGE][tio.DATA].to(device, non_blocking=True, memory_format=layout)
         label = batch[LABEL][tio.DATA].to(device, non_blocking=True)
@@ -358,8 +369,7 @@ def fit(config: Config) -> dict:
     device = resolve_device(config.train.device)
     dtype = training_dtype(config.train.amp, device)
     model = build_model(config).to(device)
-    if dtype:
-        model = model.to(memory_format=torch.channels_last_3d)
+    model = model.to(memory_format=training_layout(device, dtype))
     optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start_epoch, best_metric, rows = 1, -math.inf, []

@@ -19,6 +19,7 @@ from liverseg.inference import (
     postprocess_labels,
     predict_kwargs,
     predict_volume,
+    uses_channels_last,
 )
 from liverseg.model import UNet3D
 from liverseg.transforms import preprocessing_settings
@@ -372,7 +373,16 @@ def test_fast_path_uses_channels_last_and_leaves_the_model_as_it_was():
         torch.testing.assert_close(value, before[key][0], rtol=0, atol=0)
         assert value.stride() == before[key][1], key
         assert value.is_contiguous()
-    # fp32 keeps the standard layout throughout.
+    # On CPU fp32 runs channels-last too (faster there); the model is again left as it was.
     seen.clear()
     predict_volume(model, image, hu_min=-150, hu_max=250, patch_size=8, amp="off")
-    assert seen and not any(seen)
+    assert seen and all(seen)
+    for key, value in model.state_dict().items():
+        assert value.stride() == before[key][1], key
+
+
+def test_channels_last_choice():
+    assert uses_channels_last(torch.device("cpu"), None)
+    assert uses_channels_last(torch.device("cpu"), torch.bfloat16)
+    assert uses_channels_last(torch.device("cuda"), torch.float16)
+    assert not uses_channels_last(torch.device("cuda"), None)

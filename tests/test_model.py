@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from liverseg.model import UNet3D, check_input_size
+from liverseg.model import InstanceNorm3d, UNet3D, check_input_size
 
 torch.set_num_threads(1)
 
@@ -125,7 +125,25 @@ def test_channels_last_3d_matches_contiguous(in_channels):
         reference = model(x)
         model = model.to(memory_format=torch.channels_last_3d)
         fast = model(x.to(memory_format=torch.channels_last_3d))
-    torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-5)
+    # Channels-last eval takes group_norm instead of instance_norm: another summation order.
+    torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_instance_norm_matches_torch_in_both_layouts(training):
+    torch.manual_seed(0)
+    ours = InstanceNorm3d(6, affine=True)
+    torch.nn.init.normal_(ours.weight)
+    torch.nn.init.normal_(ours.bias)
+    reference = torch.nn.InstanceNorm3d(6, affine=True)
+    reference.load_state_dict(ours.state_dict())  # same parameters and keys
+    ours.train(training)
+    x = torch.randn(2, 6, 5, 7, 9) * 3 + 1
+    expected = reference(x)
+    for layout in (torch.contiguous_format, torch.channels_last_3d):
+        out = ours(x.contiguous(memory_format=layout))
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert isinstance(UNet3D(features=(4, 8)).encoders[0][1], InstanceNorm3d)
 
 
 @pytest.mark.gpu

@@ -15,7 +15,7 @@ from liverseg.cli import main as cli_main
 from liverseg.config import from_dict, load_config, to_dict
 from liverseg.errors import CheckpointError, DataError
 from liverseg.phantoms import write_dataset
-from liverseg.train import TrainingError, fit
+from liverseg.train import TrainingError, fit, training_layout
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -195,3 +195,10 @@ def test_poly_schedule_decays_and_is_logged(phantom_root, tmp_path):
     fit(load_config(None, overrides))
     lrs = [float(r["lr"]) for r in read_rows(run_dir)]
     assert lrs == pytest.approx([0.01, 0.01 * 0.5**0.9])
+
+
+def test_training_layout_is_channels_last_only_for_cuda_autocast():
+    assert training_layout(torch.device("cuda"), torch.bfloat16) == torch.channels_last_3d
+    assert training_layout(torch.device("cuda"), None) == torch.contiguous_format
+    assert training_layout(torch.device("cpu"), torch.bfloat16) == torch.contiguous_format
+    assert training_layout(torch.device("cpu"), None) == torch.contiguous_format
