@@ -45,17 +45,11 @@ from monai.inferers import sliding_window_inference
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
 from liverseg.constants import LIVER, TUMOR
-from liverseg.inference import (
-    Postprocess,
-    autocast_dtype,
-    load_model,
-    postprocess_labels,
-    predict_kwargs,
-    predict_volume,
-)
+from liverseg.inference import autocast_dtype, load_model, predict_kwargs, predict_volume
 from liverseg.losses import compute_loss, to_labels, to_probabilities
 from liverseg.model import UNet3D
 from liverseg.phantoms import generate_case
+from liverseg.postprocess import Postprocess, postprocess_labels
 from liverseg.transforms import intensity_transform
 
 HU_MIN, HU_MAX = -150.0, 250.0

@@ -13,9 +13,9 @@ The steps of :func:`predict_volume`:
    (Hann window by default).
 5. The probabilities go back to the stored orientation and, with ``zoom > 1``, are interpolated
    linearly onto the input grid, slab by slab, and decoded by :func:`liverseg.losses.to_labels`.
-6. Optional post-processing (:func:`postprocess_labels`): the largest liver component only,
-   tumor outside the liver to BACKGROUND, tumor components below ``min_tumor_mm3`` relabelled
-   LIVER.
+6. Optional post-processing (:func:`liverseg.postprocess.postprocess_labels`): the largest
+   liver component only, tumor outside the liver to BACKGROUND, tumor components below
+   ``min_tumor_mm3`` relabelled LIVER.
 
 The label map has exactly the input's shape and affine.
 """
@@ -35,16 +35,15 @@ import torch
 import torch.nn.functional as F
 import torchio as tio
 from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
-from scipy import ndimage
 from tqdm import tqdm
 
 from liverseg.checkpoints import load_checkpoint
 from liverseg.config import from_dict
-from liverseg.constants import BACKGROUND, LIVER, TUMOR
 from liverseg.errors import CheckpointError, ConfigError, DataError, LiversegError
 from liverseg.files import stored_voxels
 from liverseg.losses import out_channels, to_labels, to_probabilities
 from liverseg.model import UNet3D
+from liverseg.postprocess import Postprocess, postprocess_labels
 from liverseg.prepare import downsample_image, downsampled_affine
 from liverseg.transforms import intensity_transform
 
@@ -57,8 +56,6 @@ PREPROCESSING_KEYS = ("hu_min", "hu_max", "factor", "head")
 # the full-resolution probabilities to a few slices.
 _SLAB = 16
 _RAS = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
-# 26-connectivity for every connected-component step.
-_STRUCTURE = ndimage.generate_binary_structure(3, 3)
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
@@ -88,25 +85,6 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     ):
         raise LiversegError(f"device {name!r} requested but MPS is not available; use cpu or auto")
     return device
-
-
-@dataclass(frozen=True)
-class Postprocess:
-    """Which post-processing steps :func:`postprocess_labels` applies (all on by default).
-
-    Attributes:
-        keep_largest_liver: Keep only the largest 26-connected component of the liver including
-            tumor; every voxel of the other components (liver and tumor) becomes BACKGROUND.
-        tumor_inside_liver: Tumor components that do not touch the liver dilated by one voxel
-            become BACKGROUND: a lesion floating outside the liver is a false positive.
-        min_tumor_mm3: Tumor components (26-connected) with a volume below this (mm^3) are
-            relabelled LIVER, not removed: the voxels stay in the liver, only the tumor label
-            goes. 0 keeps every tumor component.
-    """
-
-    keep_largest_liver: bool = True
-    tumor_inside_liver: bool = True
-    min_tumor_mm3: float = 10.0
 
 
 @dataclass
@@ -577,66 +555,3 @@ def _decode(
 
 def _spacing_mm(affine: np.ndarray) -> tuple[float, float, float]:
     return tuple(float(s) for s in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
-
-
-def postprocess_labels(
-    labels: np.ndarray, spacing_mm: tuple[float, float, float], options: Postprocess
-) -> np.ndarray:
-    """Clean a predicted label map; each step is switched by ``options`` (see :class:`Postprocess`).
-
-    Order: keep the largest liver component (the rest becomes BACKGROUND), set tumor outside the
-    liver to BACKGROUND, then relabel tumor components below ``min_tumor_mm3`` as LIVER (they are
-    not removed: with the regions head they were inside the liver region anyway, so the liver
-    volume keeps them).
-
-    Args:
-        labels: uint8 ``(W, H, D)`` in {BACKGROUND, LIVER, TUMOR}; not modified.
-        spacing_mm: Voxel size along W, H, D in mm (for the tumor volume threshold).
-        options: The steps to apply.
-
-    Returns:
-        A new uint8 label map of the same shape.
-    """
-    out = np.array(labels, dtype=np.uint8, copy=True)
-    box = _foreground_box(out)
-    if box is None:
-        return out
-    # Work on the bounding box of the foreground (a view): connected-component maps are int32,
-    # four times the labels' size, so keep them small.
-    crop = out[box]
-    if options.keep_largest_liver:
-        components, count = ndimage.label(crop != BACKGROUND, structure=_STRUCTURE)
-        if count > 1:
-            sizes = np.bincount(components.ravel())
-            sizes[0] = 0
-            crop[(components != 0) & (components != sizes.argmax())] = BACKGROUND
-        del components
-    if options.tumor_inside_liver:
-        components, count = ndimage.label(crop == TUMOR, structure=_STRUCTURE)
-        if count:
-            near_liver = ndimage.binary_dilation(crop == LIVER, structure=_STRUCTURE)
-            touching = np.unique(components[near_liver & (components > 0)])
-            outside = np.setdiff1d(np.arange(1, count + 1), touching)
-            crop[np.isin(components, outside)] = BACKGROUND
-    if options.min_tumor_mm3 > 0:
-        components, count = ndimage.label(crop == TUMOR, structure=_STRUCTURE)
-        if count:
-            voxel_mm3 = float(np.prod(spacing_mm))
-            volumes = np.bincount(components.ravel()) * voxel_mm3
-            small = np.flatnonzero(volumes < options.min_tumor_mm3)
-            small = small[small > 0]
-            crop[np.isin(components, small)] = LIVER
-    return out
-
-
-def _foreground_box(labels: np.ndarray) -> tuple[slice, ...] | None:
-    """Bounding box of the non-background voxels, one voxel wider (for the dilation)."""
-    foreground = labels != BACKGROUND
-    box = []
-    for axis in range(labels.ndim):
-        other = tuple(a for a in range(labels.ndim) if a != axis)
-        present = np.flatnonzero(foreground.any(axis=other))
-        if present.size == 0:
-            return None
-        box.append(slice(max(present[0] - 1, 0), present[-1] + 2))
-    return tuple(box)

@@ -29,7 +29,6 @@ from liverseg.errors import CheckpointError, ConfigError, DataError, LiversegErr
 from liverseg.files import atomic_path
 from liverseg.inference import (
     AMP_MODES,
-    Postprocess,
     autocast_dtype,
     predict_volume,
     resolve_device,
@@ -37,6 +36,7 @@ from liverseg.inference import (
 from liverseg.losses import LOSSES, compute_loss, head_for_loss, out_channels
 from liverseg.metrics import case_dice
 from liverseg.model import NORMS, UNet3D
+from liverseg.postprocess import Postprocess
 from liverseg.transforms import preprocessing_settings
 
 log = logging.getLogger(__name__)

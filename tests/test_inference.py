@@ -12,16 +12,15 @@ from liverseg.config import Config, DataConfig, ModelConfig, to_dict
 from liverseg.constants import BACKGROUND, LIVER, TUMOR
 from liverseg.errors import CheckpointError, DataError, LiversegError
 from liverseg.inference import (
-    Postprocess,
     _cpu_supports_bf16,
     load_model,
     patch_overlap_voxels,
-    postprocess_labels,
     predict_kwargs,
     predict_volume,
     uses_channels_last,
 )
 from liverseg.model import UNet3D
+from liverseg.postprocess import Postprocess, postprocess_labels
 from liverseg.transforms import preprocessing_settings
 
 torch.set_num_threads(1)
