@@ -344,6 +344,48 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def build_training_state(config: Config, device: torch.device, dtype: torch.dtype | None):
+    """A fresh model (in the training layout), its Adam optimizer and grad scaler on ``device``."""
+    model = build_model(config).to(device)
+    model = model.to(memory_format=training_layout(device, dtype))
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    return model, optimizer, scaler
+
+
+def restore_training_state(checkpoint: dict, model, optimizer, scaler) -> None:
+    """Load a resumed run's model, optimizer, scaler and RNG states from its checkpoint."""
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scaler.load_state_dict(checkpoint["scaler"])
+    set_rng_state(checkpoint["rng"])
+
+
+def training_state(model, optimizer, scaler, epoch: int, best_metric: float, config) -> dict:
+    """What a checkpoint holds besides the preprocessing: tensors and plain values only."""
+    return dict(
+        model=model.state_dict(),
+        optimizer=optimizer.state_dict(),
+        scaler=scaler.state_dict(),
+        epoch=epoch,
+        best_metric=best_metric,
+        rng=rng_state(),
+        config=to_dict(config),
+    )
+
+
+def metrics_row(epoch: int, loss: float, lr: float, scores: dict, started: float) -> dict:
+    """One ``metrics.csv`` row: epoch, train loss, lr, validation Dice (if any), seconds."""
+    row = {
+        "epoch": epoch,
+        "train_loss": f"{loss:.6f}",
+        "lr": lr,
+        "seconds": f"{time.perf_counter() - started:.1f}",
+    }
+    row.update({f"dice_{k}": f"{v:.4f}" for k, v in scores.items()})
+    return row
+
+
 def fit(config: Config) -> dict:
     """Train as ``config`` says; resume from ``<run.dir>/checkpoints/last.pt`` when present.
 
@@ -368,27 +410,20 @@ def fit(config: Config) -> dict:
 
     device = resolve_device(config.train.device)
     dtype = training_dtype(config.train.amp, device)
-    model = build_model(config).to(device)
-    model = model.to(memory_format=training_layout(device, dtype))
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    model, optimizer, scaler = build_training_state(config, device, dtype)
     start_epoch, best_metric, rows = 1, -math.inf, []
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        set_rng_state(checkpoint["rng"])
+        restore_training_state(checkpoint, model, optimizer, scaler)
         start_epoch, best_metric = checkpoint["epoch"] + 1, checkpoint["best_metric"]
         rows = read_metrics(run_dir / "metrics.csv", checkpoint["epoch"])
         log.info("resuming %s at epoch %d", last, start_epoch)
 
-    data = config.data
-    cache_dir = Path(data.cache_dir) if data.cache_dir else run_dir / "cache"
+    cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else run_dir / "cache"
     train_cases = [by_id[i] for i in split["train"]]
     loader = build_training_loader(config, train_cases, cache_dir, device.type == "cuda")
     val_cases = [by_id[i] for i in split["val"]]
     preprocessing = preprocessing_settings(
-        data.hu_min, data.hu_max, data.factor, head_for_loss(config.train.loss)
+        config.data.hu_min, config.data.hu_max, config.data.factor, head_for_loss(config.train.loss)
     )
     scores: dict[str, float] = {}
     for epoch in tqdm(
@@ -410,32 +445,18 @@ def fit(config: Config) -> dict:
             epoch % config.train.val_every == 0 or epoch == config.train.epochs
         )
         scores = validate(model, val_cases, config, device) if validating else {}
-        row = {
-            "epoch": epoch,
-            "train_loss": f"{loss:.6f}",
-            "lr": optimizer.param_groups[0]["lr"],
-            "seconds": f"{time.perf_counter() - started:.1f}",
-        }
-        row.update({f"dice_{k}": f"{v:.4f}" for k, v in scores.items()})
-        rows.append(row)
+        rows.append(metrics_row(epoch, loss, optimizer.param_groups[0]["lr"], scores, started))
         score = selection_score(scores)
         improved = math.isfinite(loss) and math.isfinite(score) and score > best_metric
         best_metric = score if improved else best_metric
-        state = dict(
-            model=model.state_dict(),
-            optimizer=optimizer.state_dict(),
-            scaler=scaler.state_dict(),
-            epoch=epoch,
-            best_metric=best_metric,
-            rng=rng_state(),
-            config=to_dict(config),
-            preprocessing=preprocessing,
-        )
-        if math.isfinite(loss):
-            save_checkpoint(last, **state)
-            if improved:
-                save_checkpoint(best, **state)
+        # metrics.csv before the checkpoint: a kill between the two leaves a row the resumed run
+        # drops and redoes (read_metrics), never a checkpointed epoch without its row.
         write_metrics(run_dir / "metrics.csv", rows)
+        if math.isfinite(loss):  # NaN is never saved
+            state = training_state(model, optimizer, scaler, epoch, best_metric, config)
+            save_checkpoint(last, **state, preprocessing=preprocessing)
+            if improved:
+                save_checkpoint(best, **state, preprocessing=preprocessing)
         plot_curves(rows, run_dir / "curves.png")
         log.info(
             "epoch %d: loss %.4f%s (%.0f s)",

@@ -144,6 +144,29 @@ def test_killed_run_resumes_with_continuous_metrics(phantom_root, tmp_path):
     assert f"resuming {last} at epoch {epoch_at_kill + 1}" in finished.stderr
 
 
+def test_crash_while_writing_metrics_loses_no_row(phantom_root, tmp_path, monkeypatch):
+    import liverseg.train as train_module
+
+    run_dir = tmp_path / "run"
+    real_write = train_module.write_metrics
+    calls = []
+
+    def crash_on_second_epoch(path, rows):
+        calls.append(len(rows))
+        if len(rows) == 2:
+            raise KeyboardInterrupt("killed while writing metrics.csv")
+        real_write(path, rows)
+
+    monkeypatch.setattr(train_module, "write_metrics", crash_on_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        fit(load_config(None, tiny_overrides(phantom_root, run_dir, "train.epochs=3")))
+    monkeypatch.setattr(train_module, "write_metrics", real_write)
+    # Epoch 2's checkpoint must not exist without its metrics row: the resume redoes epoch 2.
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["epoch"] == 1
+    fit(load_config(None, tiny_overrides(phantom_root, run_dir, "train.epochs=3")))
+    assert [r["epoch"] for r in read_rows(run_dir)] == ["1", "2", "3"]
+
+
 def test_config_round_trips_through_a_checkpoint(tmp_path):
     from liverseg.checkpoints import save_checkpoint
 
