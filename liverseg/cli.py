@@ -74,9 +74,12 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from liverseg.evaluation import evaluate_folders
+    from liverseg.evaluation import evaluate_folders, validation_cases
 
-    print(evaluate_folders(args.pred_dir, args.gt_dir, out_csv=args.out))
+    cases = list(args.cases) if args.cases else None
+    if args.split is not None:
+        cases = (cases or []) + validation_cases(args.split)
+    print(evaluate_folders(args.pred_dir, args.gt_dir, out_csv=args.out, cases=cases))
     return 0
 
 
@@ -141,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pred_dir", type=Path)
     p.add_argument("gt_dir", type=Path)
     p.add_argument("--out", type=Path, default=None, help="metrics CSV")
+    p.add_argument("--cases", nargs="+", default=None, metavar="ID", help="only these case ids")
+    p.add_argument(
+        "--split", type=Path, default=None, metavar="SPLIT_JSON",
+        help="only the validation cases of a run's split.json",
+    )  # fmt: skip
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("animate", help="animate axial slices: liver purple, tumor yellow")

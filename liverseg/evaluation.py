@@ -10,8 +10,10 @@ reports it) and lesion detection pooled over all lesions.
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -52,6 +54,7 @@ def evaluate_folders(
     gt_dir: str | Path,
     out_csv: str | Path | None = None,
     min_lesion_mm3: float = 0.0,
+    cases: Sequence[str] | None = None,
 ) -> str:
     """Evaluate every prediction against its truth; optionally write a CSV.
 
@@ -60,6 +63,7 @@ def evaluate_folders(
         gt_dir: Folder of ``<case>.nii.gz`` labels, or a Task03 root holding ``labelsTr/``.
         out_csv: Where to write one row per case plus a ``mean`` row (atomically), or None.
         min_lesion_mm3: Tumor components below this volume are not lesions for detection.
+        cases: Evaluate only these case ids (e.g. a run's validation cases); None: all.
 
     Returns:
         A printable table: per case and mean metrics, NaN counts, global Dice and the pooled
@@ -69,7 +73,7 @@ def evaluate_folders(
         DataError: A folder is missing or empty, cases do not pair up (all listed), shapes
             differ, or a file holds values other than the labels.
     """
-    pairs = pair_cases(pred_dir, gt_dir)
+    pairs = pair_cases(pred_dir, gt_dir, cases)
     rows, detections = [], []
     pooled = {name: [0, 0] for name in DICE_CLASSES}  # intersection, |A| + |B|
     for case_id, (pred_path, truth_path) in pairs.items():
@@ -89,24 +93,63 @@ def evaluate_folders(
     return _format_table(rows, means, global_dice, detection)
 
 
-def pair_cases(pred_dir: str | Path, gt_dir: str | Path) -> dict[str, tuple[Path, Path]]:
+def validation_cases(split_json: str | Path) -> list[str]:
+    """The ``"val"`` case ids of a run's ``split.json``.
+
+    Raises:
+        DataError: The file is missing, not JSON, or has no list of ids under ``"val"``.
+    """
+    path = Path(split_json)
+    try:
+        split = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"split file {path} does not exist; give a run's split.json") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"split file {path} is not readable JSON ({exc})") from None
+    val = split.get("val") if isinstance(split, dict) else None
+    if not isinstance(val, list) or not all(isinstance(c, str) for c in val):
+        raise DataError(
+            f'split file {path} has no list of case ids under "val"; expected '
+            '{"train": [...], "val": [...]} as liverseg train writes it'
+        )
+    return val
+
+
+def pair_cases(
+    pred_dir: str | Path, gt_dir: str | Path, cases: Sequence[str] | None = None
+) -> dict[str, tuple[Path, Path]]:
     """Pair predictions with truths by case id.
 
     Args:
         pred_dir: Folder of ``<case>_seg.nii.gz`` files.
         gt_dir: Folder of ``<case>.nii.gz`` files, or a Task03 root with ``labelsTr/``.
+        cases: Only these case ids, each of which needs a prediction and a truth; the other
+            files of both folders are ignored. None: every file must pair up.
 
     Returns:
         Case id -> (prediction path, truth path), sorted by case id.
 
     Raises:
-        DataError: Listing every case without a truth and every truth without a prediction.
+        DataError: Listing every case without a truth and every truth without a prediction
+            (with ``cases``: every listed case lacking either).
     """
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     if (gt_dir / "labelsTr").is_dir():
         gt_dir = gt_dir / "labelsTr"
     predictions = _cases(pred_dir, PRED_SUFFIXES, "prediction")
     truths = _cases(gt_dir, LABEL_SUFFIXES, "label")
+    if cases is not None:
+        wanted = sorted(set(cases), key=natural_key)
+        if not wanted:
+            raise DataError("no case ids given to evaluate")
+        predictions = {c: p for c, p in predictions.items() if c in wanted}
+        truths = {c: t for c, t in truths.items() if c in wanted}
+        absent = [c for c in wanted if c not in predictions and c not in truths]
+        if absent:
+            raise DataError(
+                f"{len(absent)} requested case(s) have neither a prediction in {pred_dir} nor a "
+                f"truth in {gt_dir}: {absent}; check the case ids"
+            )
     extra = sorted(set(predictions) - set(truths), key=natural_key)
     missing = sorted(set(truths) - set(predictions), key=natural_key)
     if extra or missing:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 from liverseg.cli import main
 from liverseg.constants import BACKGROUND, LIVER, TUMOR
 from liverseg.errors import DataError
-from liverseg.evaluation import _load_labels, evaluate_folders, pair_cases
+from liverseg.evaluation import _load_labels, evaluate_folders, pair_cases, validation_cases
 from liverseg.files import save_nifti
 
 AFFINE = np.diag([1.5, 0.8, 2.0, 1.0])
@@ -167,3 +168,33 @@ def test_cli_evaluate(folders, tmp_path, capsys):
     assert out.is_file()
     assert main(["evaluate", str(preds), str(tmp_path / "nowhere")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_subset_of_cases_ignores_the_other_files(folders, tmp_path):
+    preds, root = folders
+    save_nifti(_labels(6, None), AFFINE, root / "labelsTr" / "liver_9.nii.gz")  # no prediction
+    with pytest.raises(DataError):
+        evaluate_folders(preds, root)
+    assert list(pair_cases(preds, root, cases=["liver_1", "liver_0"])) == ["liver_0", "liver_1"]
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": ["liver_9"], "val": ["liver_1"]}))
+    assert validation_cases(split) == ["liver_1"]
+    table = evaluate_folders(preds, root, cases=validation_cases(split))
+    assert "liver_1" in table and "liver_0" not in table and "liver_9" not in table
+    assert main(["evaluate", str(preds), str(root), "--split", str(split)]) == 0
+    assert main(["evaluate", str(preds), str(root), "--cases", "liver_0", "liver_1"]) == 0
+
+
+def test_a_subset_lists_cases_without_prediction_or_truth(folders, tmp_path):
+    preds, root = folders
+    save_nifti(_labels(6, None), AFFINE, root / "labelsTr" / "liver_9.nii.gz")
+    with pytest.raises(DataError, match=r"no prediction .* \['liver_9'\]"):
+        pair_cases(preds, root, cases=["liver_0", "liver_9"])
+    with pytest.raises(DataError, match=r"neither a prediction .* \['liver_42'\]"):
+        pair_cases(preds, root, cases=["liver_0", "liver_42"])
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(DataError, match="bad.json is not readable JSON"):
+        validation_cases(tmp_path / "bad.json")
+    (tmp_path / "noval.json").write_text('{"train": []}')
+    with pytest.raises(DataError, match='no list of case ids under "val"'):
+        validation_cases(tmp_path / "noval.json")
