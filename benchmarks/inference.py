@@ -17,7 +17,8 @@ Run: ``python benchmarks/inference.py`` (minutes on 2 CPU cores; ``--quick`` for
    Dice agreement of the default path's labels with the fp32 path's (liver incl. tumor, tumor).
 3. With ``--checkpoint CKPT IMAGE [IMAGE ...]`` (e.g. the demo's ``best.pt`` and its validation
    phantoms, a model that really finds tumors): Dice agreement of the default path's labels with
-   the fp32 path's for liver and tumor on each image, with that checkpoint's settings.
+   the fp32 path's for liver and tumor on each image, with that checkpoint's settings
+   (``--agreement-only``: just this table).
 4. Peak resident memory (``VmHWM`` of a fresh subprocess) for a ``512 x 512 x 500`` int16
    NIfTI (``--quick``: ``256 x 256 x 128``) predicted as ``liverseg predict`` would: from the
    file, zoom 2.
@@ -173,6 +174,14 @@ def checkpoint_agreement(checkpoint: str, images: list[str]) -> list[tuple[str, 
     return rows
 
 
+def print_agreement(checkpoint_and_images: list[str]) -> None:
+    checkpoint, images = checkpoint_and_images[0], checkpoint_and_images[1:]
+    print(f"default vs fp32 labels of {checkpoint}:")
+    print(f"{'image':<28}{'liver incl. tumor':>18}{'tumor':>8}")
+    for name, liver, tumor in checkpoint_agreement(checkpoint, images):
+        print(f"{name:<28}{liver:>18.4f}{tumor:>8.4f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small volume, for development")
@@ -184,10 +193,19 @@ def main() -> None:
         "--checkpoint", nargs="+", default=None, metavar=("CKPT", "IMAGE"),
         help="also compare default vs fp32 labels of this checkpoint on these (prepared) images",
     )  # fmt: skip
+    parser.add_argument(
+        "--agreement-only", action="store_true", help="only the --checkpoint agreement table"
+    )
     parser.add_argument("--ram-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.ram_child:
         ram_child(args.ram_child, args.patch, args.threads)
+        return
+    if args.agreement_only:
+        if not args.checkpoint:
+            parser.error("--agreement-only needs --checkpoint CKPT IMAGE [IMAGE ...]")
+        torch.set_num_threads(args.threads)
+        print_agreement(args.checkpoint)
         return
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -249,10 +267,7 @@ def main() -> None:
     )
     if args.checkpoint:
         print()
-        print(f"default vs fp32 labels of {args.checkpoint[0]}:")
-        print(f"{'image':<28}{'liver incl. tumor':>18}{'tumor':>8}")
-        for name, liver, tumor in checkpoint_agreement(args.checkpoint[0], args.checkpoint[1:]):
-            print(f"{name:<28}{liver:>18.4f}{tumor:>8.4f}")
+        print_agreement(args.checkpoint)
     print()
     print(f"speed-up default vs monai fp32: {monai_seconds / fast_seconds:.2f}x")
     print(f"speed-up default vs liverseg fp32: {fp32_seconds / fast_seconds:.2f}x")
