@@ -396,10 +396,10 @@ def patch_overlap_voxels(patch_size: int, overlap: float) -> int:
 def uses_channels_last(device: torch.device, dtype: torch.dtype | None) -> bool:
     """Whether inference runs channels-last 3D: always on CPU, under autocast on CUDA.
 
-    On our 2-core CPU (torch 2.13, oneDNN) the default UNet's ``2 x 96^3`` forward took 2.57 s
-    channels-last vs 4.14 s contiguous in fp32, and 1.37 s vs 2.16 s under bf16 autocast (with
-    :class:`liverseg.model.InstanceNorm3d`; batch norm and no norm alike). On CUDA, channels-last
-    is what lets cuDNN use tensor cores under autocast.
+    On our 2-core CPU (torch 2.13, oneDNN) the default UNet's ``2 x 96^3`` forward took 2.83 s
+    channels-last vs 4.58 s contiguous in fp32, and 1.32 s vs 1.96 s under bf16 autocast (with
+    :class:`liverseg.model.InstanceNorm3d`; ``benchmarks/layouts.py``). On CUDA, channels-last is
+    what lets cuDNN use tensor cores under autocast.
     """
     return device.type == "cpu" or dtype is not None
 

@@ -57,7 +57,7 @@ class InstanceNorm3d(nn.InstanceNorm3d):
     Instance norm is group norm with one channel per group. On CPU, ATen's ``instance_norm``
     copies a channels-last input to contiguous and back (and, under autocast, to fp32), while
     ``group_norm`` has a channels-last kernel: for the default UNet's ``2 x 96^3`` forward under
-    bf16 autocast on our 2-core CPU, 1.39 s instead of 2.52 s (``benchmarks/inference.py``). In
+    bf16 autocast on our 2-core CPU, 1.32 s instead of 2.33 s (``benchmarks/layouts.py``). In
     training mode the native path is kept: group norm's channels-last backward was slower there.
     Same parameters and state dict as ``nn.InstanceNorm3d``; results equal to float rounding.
     """

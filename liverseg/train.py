@@ -62,9 +62,9 @@ def build_model(config: Config) -> UNet3D:
 def training_layout(device: torch.device, dtype: torch.dtype | None) -> torch.memory_format:
     """Channels-last 3D under autocast on CUDA (cuDNN's tensor-core kernels), else contiguous.
 
-    On our 2-core CPU a bf16 training step (forward, backward, Adam) was faster contiguous:
-    0.172 s vs 0.202 s for the demo model on 2 x 48^3, 1.67 s vs 2.06 s for the default one on
-    2 x 64^3 (inference is the other way round; see liverseg.inference.uses_channels_last).
+    On our 2-core CPU a bf16 training step (forward, backward, Adam) of the demo model on
+    2 x 48^3 was faster contiguous: 0.177 s vs 0.206 s (``benchmarks/layouts.py``; inference is
+    the other way round, see liverseg.inference.uses_channels_last).
     """
     if device.type == "cuda" and dtype is not None:
         return torch.channels_last_3d
