@@ -201,13 +201,12 @@ def main() -> None:
     if args.ram_child:
         ram_child(args.ram_child, args.patch, args.threads)
         return
+    torch.set_num_threads(args.threads)
     if args.agreement_only:
         if not args.checkpoint:
             parser.error("--agreement-only needs --checkpoint CKPT IMAGE [IMAGE ...]")
-        torch.set_num_threads(args.threads)
         print_agreement(args.checkpoint)
         return
-    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     shape = (96, 96, 64) if args.quick else (256, 256, 200)
     patch = args.patch or (64 if args.quick else 96)

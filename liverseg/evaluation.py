@@ -139,12 +139,12 @@ def pair_cases(
     predictions = _cases(pred_dir, PRED_SUFFIXES, "prediction")
     truths = _cases(gt_dir, LABEL_SUFFIXES, "label")
     if cases is not None:
-        wanted = sorted(set(cases), key=natural_key)
+        wanted = set(cases)
         if not wanted:
             raise DataError("no case ids given to evaluate")
         predictions = {c: p for c, p in predictions.items() if c in wanted}
         truths = {c: t for c, t in truths.items() if c in wanted}
-        absent = [c for c in wanted if c not in predictions and c not in truths]
+        absent = sorted(wanted - set(predictions) - set(truths), key=natural_key)
         if absent:
             raise DataError(
                 f"{len(absent)} requested case(s) have neither a prediction in {pred_dir} nor a "

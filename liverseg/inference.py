@@ -322,7 +322,7 @@ def predict_volume(
             reduced, reduced_affine = hu, affine
         probabilities = _sliding_window(
             model, reduced, reduced_affine, hu_min, hu_max, head, patch_size, overlap,
-            batch_size, blending, device, dtype, progress,
+            batch_size, blending, device, dtype, channels_last, progress,
         )  # fmt: skip
     labels, full_probabilities = _decode(probabilities, hu.shape, zoom, head, keep_probabilities)
     if postprocess is not None:
@@ -454,6 +454,7 @@ def _sliding_window(
     blending,
     device,
     dtype,
+    channels_last,
     progress,
 ) -> torch.Tensor:
     """Blended probabilities ``(C, W, H, D)`` float32 on the grid and orientation of ``hu``."""
@@ -476,9 +477,7 @@ def _sliding_window(
     sampler = tio.GridSampler(subject, patch_size, patch_overlap_voxels(patch_size, overlap))
     aggregator = tio.GridAggregator(sampler, overlap_mode=blending)
     locations = torch.as_tensor(np.asarray(sampler.locations), dtype=torch.int64)
-    memory_format = (
-        torch.channels_last_3d if uses_channels_last(device, dtype) else torch.contiguous_format
-    )
+    memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
     autocast = (
         torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     )

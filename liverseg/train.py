@@ -27,12 +27,7 @@ from liverseg.constants import CASE_ID, DICE_CLASSES, IMAGE, LABEL
 from liverseg.data import PatchSettings, build_cache, build_loader, load_or_create_split
 from liverseg.errors import CheckpointError, ConfigError, DataError, LiversegError
 from liverseg.files import atomic_path
-from liverseg.inference import (
-    AMP_MODES,
-    autocast_dtype,
-    predict_volume,
-    resolve_device,
-)
+from liverseg.inference import AMP_MODES, autocast_dtype, predict_volume, resolve_device
 from liverseg.losses import LOSSES, compute_loss, head_for_loss, out_channels
 from liverseg.metrics import case_dice
 from liverseg.model import NORMS, UNet3D
@@ -361,8 +356,10 @@ def restore_training_state(checkpoint: dict, model, optimizer, scaler) -> None:
     set_rng_state(checkpoint["rng"])
 
 
-def training_state(model, optimizer, scaler, epoch: int, best_metric: float, config) -> dict:
-    """What a checkpoint holds besides the preprocessing: tensors and plain values only."""
+def training_state(
+    model, optimizer, scaler, epoch: int, best_metric: float, config: Config, preprocessing: dict
+) -> dict:
+    """What a checkpoint holds: tensors and plain values only."""
     return dict(
         model=model.state_dict(),
         optimizer=optimizer.state_dict(),
@@ -371,6 +368,7 @@ def training_state(model, optimizer, scaler, epoch: int, best_metric: float, con
         best_metric=best_metric,
         rng=rng_state(),
         config=to_dict(config),
+        preprocessing=preprocessing,
     )
 
 
@@ -453,10 +451,12 @@ def fit(config: Config) -> dict:
         # drops and redoes (read_metrics), never a checkpointed epoch without its row.
         write_metrics(run_dir / "metrics.csv", rows)
         if math.isfinite(loss):  # NaN is never saved
-            state = training_state(model, optimizer, scaler, epoch, best_metric, config)
-            save_checkpoint(last, **state, preprocessing=preprocessing)
+            state = training_state(
+                model, optimizer, scaler, epoch, best_metric, config, preprocessing
+            )
+            save_checkpoint(last, **state)
             if improved:
-                save_checkpoint(best, **state, preprocessing=preprocessing)
+                save_checkpoint(best, **state)
         plot_curves(rows, run_dir / "curves.png")
         log.info(
             "epoch %d: loss %.4f%s (%.0f s)",
