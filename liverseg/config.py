@@ -62,6 +62,8 @@ class ModelConfig:
     features: tuple[int, ...] = (32, 64, 128, 256)
     norm: str = "instance"
     dropout: float = 0.0
+    # Extra low-resolution logit heads trained with a weighted loss (nnU-Net); 0: off (the seed).
+    deep_supervision: int = 0
 
 
 @dataclass(frozen=True)

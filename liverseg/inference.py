@@ -148,6 +148,7 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "auto") -> t
             features=config.model.features,
             norm=config.model.norm,
             dropout=config.model.dropout,
+            deep_supervision=config.model.deep_supervision,
         )
         model.load_state_dict(state["model"])
     except (ValueError, RuntimeError, TypeError, AttributeError) as exc:

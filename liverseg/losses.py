@@ -31,6 +31,8 @@ small smoothing term, so a patch without tumor gives a finite value, never NaN.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -165,8 +167,15 @@ def soft_dice_loss(
     return 1 - dice.mean()
 
 
-def compute_loss(logits: torch.Tensor, label: torch.Tensor, name: str) -> torch.Tensor:
+def compute_loss(
+    logits: torch.Tensor | Sequence[torch.Tensor], label: torch.Tensor, name: str
+) -> torch.Tensor:
     """Training loss of a batch.
+
+    With deep supervision (``logits`` a sequence, full resolution first, each next one half the
+    size: :class:`liverseg.model.UNet3D` in training mode), the loss is nnU-Net's weighted sum:
+    output ``i`` weighs ``2 ** -i`` (weights normalised to sum to 1) against the label reduced to
+    its size by nearest-neighbour sampling.
 
     - ``bce``: binary cross entropy with logits on the two regions, mean over all elements.
     - ``bce_dice``: ``bce`` + :func:`soft_dice_loss` on the sigmoid regions.
@@ -175,7 +184,7 @@ def compute_loss(logits: torch.Tensor, label: torch.Tensor, name: str) -> torch.
 
     Args:
         logits: Network output ``(B, C, W, H, D)``, C = ``out_channels(head_for_loss(name))``;
-            any float dtype (computed in float32).
+            any float dtype (computed in float32); or a sequence of them (deep supervision).
         label: Label map ``(B, 1, W, H, D)`` with values in {BACKGROUND, LIVER, TUMOR}; integer or
             float dtype.
         name: One of :data:`LOSSES`.
@@ -186,6 +195,17 @@ def compute_loss(logits: torch.Tensor, label: torch.Tensor, name: str) -> torch.
     Raises:
         ValueError: For an unknown loss, mismatched shapes or label values outside the label set.
     """
+    if not isinstance(logits, torch.Tensor):
+        if not logits:
+            raise ValueError("deep supervision needs at least one output, got none")
+        weights = [0.5**i for i in range(len(logits))]
+        total = 0.0
+        for weight, output in zip(weights, logits):
+            target = label
+            if output.shape[2:] != label.shape[2:]:
+                target = F.interpolate(label.float(), size=output.shape[2:], mode="nearest")
+            total = total + weight / sum(weights) * compute_loss(output, target, name)
+        return total
     head = head_for_loss(name)
     if logits.ndim != 5 or label.ndim != 5 or label.shape[1] != 1:
         raise ValueError(

@@ -123,6 +123,11 @@ class UNet3D(nn.Module):
         activation: ``"leaky_relu"`` (slope 0.01) or ``"relu"``.
         downsampling: ``"maxpool"`` (2x2x2 max-pooling) or ``"strided_conv"`` (2x2x2 conv,
             stride 2).
+        deep_supervision: Extra 1x1x1 logit heads on this many decoder levels below full
+            resolution (nnU-Net's deep supervision; 0: none). In training mode ``forward``
+            then returns a tuple of logits, full resolution first, each next one half the size
+            (see :func:`liverseg.losses.compute_loss`); in eval mode only the full-resolution
+            logits. At most ``len(features) - 2``.
 
     Raises:
         ValueError: On an unknown option, fewer than two levels, a non-positive width or a
@@ -138,6 +143,7 @@ class UNet3D(nn.Module):
         dropout: float = 0.0,
         activation: str = "leaky_relu",
         downsampling: str = "maxpool",
+        deep_supervision: int = 0,
     ):
         super().__init__()
         features = tuple(int(f) for f in features)
@@ -153,6 +159,11 @@ class UNet3D(nn.Module):
             )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if not 0 <= deep_supervision <= len(features) - 2:
+            raise ValueError(
+                f"deep_supervision must be in [0, {len(features) - 2}] for {len(features)} "
+                f"levels, got {deep_supervision}"
+            )
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.features = features
@@ -178,6 +189,11 @@ class UNet3D(nn.Module):
             self.ups.append(nn.ConvTranspose3d(deep, shallow, kernel_size=2, stride=2))
             self.decoders.append(block(2 * shallow, shallow))
         self.head = nn.Conv3d(features[0], out_channels, kernel_size=1)
+        # Heads of the decoder levels just above the full-resolution one, finest first.
+        self.deep_heads = nn.ModuleList(
+            nn.Conv3d(width, out_channels, kernel_size=1)
+            for width in features[1 : 1 + deep_supervision]
+        )
         self._init_weights(activation)
 
     @property
@@ -196,7 +212,7 @@ class UNet3D(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """Compute logits.
 
         Args:
@@ -204,7 +220,8 @@ class UNet3D(nn.Module):
                 (``torch.channels_last_3d`` included); W, H, D multiples of :attr:`size_multiple`.
 
         Returns:
-            Logits ``(B, out_channels, W, H, D)``.
+            Logits ``(B, out_channels, W, H, D)``; in training mode with deep supervision, a
+            tuple of them at full, half, quarter ... resolution.
 
         Raises:
             ValueError: If ``x`` is not 5-D, has the wrong channel count, or a spatial size that is
@@ -221,11 +238,19 @@ class UNet3D(nn.Module):
             if level < len(self.downs):
                 skips.append(x)
                 x = self.downs[level](x)
-        for up, decoder, skip in zip(self.ups, self.decoders, reversed(skips)):
+        supervise = self.training and len(self.deep_heads) > 0
+        coarse = []
+        for level, (up, decoder, skip) in enumerate(zip(self.ups, self.decoders, reversed(skips))):
             x = up(x)
             # Under autocast the transposed conv may return a lower precision than the skip.
             x = decoder(torch.cat([x, skip.to(x.dtype)], dim=1))
-        return self.head(x)
+            head = len(self.decoders) - 2 - level  # decoder output at 2 ** (head + 1) reduction
+            if supervise and 0 <= head < len(self.deep_heads):
+                coarse.append(self.deep_heads[head](x))
+        logits = self.head(x)
+        if supervise:
+            return (logits, *reversed(coarse))
+        return logits
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:

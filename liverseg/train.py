@@ -51,6 +51,7 @@ def build_model(config: Config) -> UNet3D:
         features=config.model.features,
         norm=config.model.norm,
         dropout=config.model.dropout,
+        deep_supervision=config.model.deep_supervision,
     )
 
 
@@ -152,6 +153,11 @@ def check_config(config: Config) -> None:
         )
     if config.train.amp not in AMP_MODES:
         problems.append(f"train.amp={config.train.amp!r}: choose one of {', '.join(AMP_MODES)}")
+    if not 0 <= model.deep_supervision <= len(model.features) - 2:
+        problems.append(
+            f"model.deep_supervision={model.deep_supervision} must be in "
+            f"[0, {max(len(model.features) - 2, 0)}] for model.features={list(model.features)}"
+        )
     multiple = 2 ** (len(model.features) - 1)
     if len(model.features) < 2 or data.patch_size % multiple:
         problems.append(

@@ -205,3 +205,26 @@ def test_shape_mismatches_are_rejected():
         compute_loss(torch.zeros(1, 2, 5, 1, 1), LABEL, "bce")
     with pytest.raises(ValueError, match=r"\(B, 1, W, H, D\)"):
         compute_loss(torch.zeros(1, 2, 4, 1, 1), LABEL[0], "bce")
+
+
+def test_deep_supervision_loss_weighs_outputs_against_the_reduced_label():
+    # Label 4 x 2 x 2; its nearest-neighbour half is the voxels at even indices: (B, L) on W.
+    label = torch.tensor([BACKGROUND, BACKGROUND, LIVER, TUMOR], dtype=torch.uint8)
+    label = label.reshape(1, 1, 4, 1, 1).expand(1, 1, 4, 2, 2).contiguous()
+    half = torch.tensor([BACKGROUND, LIVER], dtype=torch.uint8).reshape(1, 1, 2, 1, 1)
+    full_logits = torch.randn(1, 2, 4, 2, 2, generator=torch.Generator().manual_seed(0))
+    half_logits = torch.randn(1, 2, 2, 1, 1, generator=torch.Generator().manual_seed(1))
+    loss = compute_loss((full_logits, half_logits), label, "bce")
+    expected = 2 / 3 * compute_loss(full_logits, label, "bce") + 1 / 3 * compute_loss(
+        half_logits, half, "bce"
+    )
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    # One output is the plain loss.
+    assert compute_loss((full_logits,), label, "bce").item() == pytest.approx(
+        compute_loss(full_logits, label, "bce").item()
+    )
+
+
+def test_deep_supervision_needs_an_output():
+    with pytest.raises(ValueError, match="at least one output"):
+        compute_loss((), LABEL, "bce")

@@ -95,11 +95,40 @@ def test_wrong_input_rank_or_channels_is_rejected():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"features": (8,)}, {"norm": "group"}, {"dropout": 1.0}, {"downsampling": "avg"}],
+    [
+        {"features": (8,)},
+        {"norm": "group"},
+        {"dropout": 1.0},
+        {"downsampling": "avg"},
+        {"features": (4, 8, 16), "deep_supervision": 2},
+        {"deep_supervision": -1},
+    ],
 )
 def test_bad_options_are_rejected(kwargs):
     with pytest.raises(ValueError):
         UNet3D(**kwargs)
+
+
+def test_deep_supervision_outputs_in_training_only():
+    torch.manual_seed(0)
+    model = UNet3D(1, 2, features=(4, 8, 16, 32), deep_supervision=2)
+    x = torch.randn(2, 1, 16, 24, 32)
+    outputs = model(x)
+    assert [tuple(o.shape) for o in outputs] == [
+        (2, 2, 16, 24, 32),
+        (2, 2, 8, 12, 16),
+        (2, 2, 4, 6, 8),
+    ]
+    sum(o.float().mean() for o in outputs).backward()
+    assert all(p.grad is not None for p in model.deep_heads.parameters())
+    model.eval()
+    with torch.no_grad():
+        logits = model(x)
+    assert isinstance(logits, torch.Tensor)
+    assert torch.allclose(logits, outputs[0].detach(), atol=1e-5)
+    # Without deep supervision the model and its state dict are as before.
+    plain = UNet3D(1, 2, features=(4, 8, 16, 32))
+    assert not any(key.startswith("deep_heads") for key in plain.state_dict())
 
 
 def test_bf16_autocast_forward_on_cpu():

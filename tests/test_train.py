@@ -184,6 +184,7 @@ def test_config_round_trips_through_a_checkpoint(tmp_path):
         ("train.loss=dice", "train.loss='dice': choose one of bce, bce_dice, ce, ce_dice"),
         ("model.norm=group", "model.norm"),
         ("data.patch_size=17", "data.patch_size=17 must be a multiple of 2"),
+        ("model.deep_supervision=1", "model.deep_supervision=1 must be in [0, 0]"),
     ],
 )
 def test_bad_settings_fail_before_any_data_is_read(tmp_path, override, message):
@@ -193,6 +194,20 @@ def test_bad_settings_fail_before_any_data_is_read(tmp_path, override, message):
     overrides = tiny_overrides(tmp_path / "nowhere", tmp_path / "run", override)
     with pytest.raises(ConfigError, match=re.escape(message)):
         fit(load_config(None, overrides))
+
+
+def test_deep_supervision_run_trains_and_its_checkpoint_predicts(phantom_root, tmp_path):
+    from liverseg.inference import load_model
+
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(
+        phantom_root, run_dir, "model.features=[4, 8, 16]", "model.deep_supervision=1",
+        "train.epochs=1",
+    )  # fmt: skip
+    fit(load_config(None, overrides))
+    assert read_rows(run_dir)[0]["dice_liver_incl_tumor"] != ""
+    model, _ = load_model(run_dir / "checkpoints" / "last.pt", "cpu")
+    assert len(model.deep_heads) == 1 and not model.training
 
 
 def test_resume_accepts_moved_data_and_other_workers(phantom_root, tmp_path):
