@@ -23,13 +23,10 @@ from liverseg.cases import natural_key
 from liverseg.constants import BACKGROUND, DICE_CLASSES, HIDDEN_PREFIX, TUMOR
 from liverseg.errors import DataError
 from liverseg.files import atomic_path
+from liverseg.lesions import DETECTION_RULE, SIZE_CLASSES, lesion_detection, pool_detection
 from liverseg.metrics import (
-    DETECTION_RULE,
-    SIZE_CLASSES,
     class_masks,
     dice_score,
-    lesion_detection,
-    pool_detection,
     relative_volume_difference,
     surface_distances,
     volume_overlap_error,

@@ -39,12 +39,12 @@ from tqdm import tqdm
 
 from liverseg.checkpoints import load_checkpoint
 from liverseg.config import from_dict
+from liverseg.downsampling import downsample_image, downsampled_affine
 from liverseg.errors import CheckpointError, ConfigError, DataError, LiversegError
 from liverseg.files import stored_voxels
 from liverseg.losses import out_channels, to_labels, to_probabilities
 from liverseg.model import UNet3D
 from liverseg.postprocess import Postprocess, postprocess_labels
-from liverseg.prepare import downsample_image, downsampled_affine
 from liverseg.transforms import intensity_transform
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ Everything is computed from a label volume and its 4 x 4 voxel-to-scanner affine
 - lesions are 26-connected tumor components of at least ``min_tumor_mm3``;
 - diameters are RECIST-like: in the axial slice where the lesion has most voxels, the longest
   chord between lesion voxel centres, and the longest chord perpendicular to it
-  (:func:`liverseg.metrics.chord_diameters`), measured with the affine's real voxel sizes.
+  (:func:`liverseg.lesions.chord_diameters`), measured with the affine's real voxel sizes.
   Centre-to-centre means a lesion ``n`` voxels across measures ``(n - 1)`` voxel sizes;
 - a placeholder affine (identity-like, see :func:`spacing_is_trustworthy`) gets a warning.
 
@@ -21,7 +21,8 @@ from scipy import ndimage
 
 from liverseg.constants import BACKGROUND, LIVER, TUMOR
 from liverseg.errors import DataError
-from liverseg.metrics import bounding_box, chord_diameters, lesions
+from liverseg.lesions import chord_diameters, lesions
+from liverseg.metrics import bounding_box
 
 DISCLAIMER = "research use only, not for diagnosis"
 # The voxel sizes a converter's placeholder affine shows: the identity's 1 mm, and 2 or 4 mm
@@ -43,7 +44,7 @@ def spacing_is_trustworthy(affine: np.ndarray) -> bool:
     flips or axis order) and the three voxel sizes are equal and exactly 1, 2 or 4 mm
     (``PLACEHOLDER_SPACINGS_MM``, to 1e-6 mm). That is the identity a converter writes when the
     true spacing is lost (Task03 cases 28-47) and what ``liverseg prepare`` makes of it
-    (:func:`liverseg.prepare.downsampled_affine` with factor 2, twice, or 4). The origin is
+    (:func:`liverseg.downsampling.downsampled_affine` with factor 2, twice, or 4). The origin is
     ignored, so shifted or halved identities (origin 0.5) are caught too.
 
     Limits: a genuine axis-aligned scan of exactly 1, 2 or 4 mm isotropic voxels is flagged

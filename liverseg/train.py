@@ -20,11 +20,12 @@ import torch
 import torchio as tio
 from tqdm import tqdm
 
+from liverseg.cache import build_cache
 from liverseg.cases import Case, check_dataset, find_cases, raise_for_errors
 from liverseg.checkpoints import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from liverseg.config import Config, diff_configs, save_config, to_dict
 from liverseg.constants import CASE_ID, DICE_CLASSES, IMAGE, LABEL
-from liverseg.data import PatchSettings, build_cache, build_loader, load_or_create_split
+from liverseg.data import PatchSettings, build_loader, load_or_create_split
 from liverseg.errors import CheckpointError, ConfigError, DataError, LiversegError
 from liverseg.files import atomic_path
 from liverseg.inference import AMP_MODES, autocast_dtype, predict_volume, resolve_device

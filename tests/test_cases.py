@@ -23,8 +23,8 @@ from liverseg.cases import (
 )
 from liverseg.cli import main
 from liverseg.constants import LIVER, TUMOR
+from liverseg.downsampling import downsampled_affine
 from liverseg.errors import DataError
-from liverseg.prepare import downsampled_affine
 
 SHAPE = (24, 20, 16)
 AFFINE = np.array(

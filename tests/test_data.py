@@ -5,19 +5,12 @@ import numpy as np
 import pytest
 import torch
 
+from liverseg.cache import build_cache, preprocess_case
 from liverseg.cases import Case
 from liverseg.constants import BACKGROUND, LIVER, TUMOR
-from liverseg.data import (
-    PatchSettings,
-    build_cache,
-    build_loader,
-    extract_patch,
-    load_or_create_split,
-    preprocess_case,
-    random_affine_matrix,
-    sample_centres,
-)
+from liverseg.data import PatchSettings, build_loader, load_or_create_split
 from liverseg.errors import DataError
+from liverseg.patches import extract_patch, random_affine_matrix, sample_centres
 
 PROBS = {BACKGROUND: 0.2, LIVER: 0.3, TUMOR: 0.5}
 

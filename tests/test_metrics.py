@@ -10,17 +10,19 @@ import torch
 from scipy import ndimage
 
 from liverseg.constants import BACKGROUND, LIVER, TUMOR
-from liverseg.metrics import (
+from liverseg.lesions import (
     axial_diameters,
-    case_dice,
     chord_diameters,
-    class_masks,
-    dice_score,
     lesion_detection,
     lesions,
     pool_detection,
-    relative_volume_difference,
     size_class,
+)
+from liverseg.metrics import (
+    case_dice,
+    class_masks,
+    dice_score,
+    relative_volume_difference,
     surface_distances,
     volume_overlap_error,
 )

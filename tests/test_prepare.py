@@ -1,4 +1,4 @@
-"""liverseg.prepare: the seed's halving of a Task03 folder, geometry, tumors, resume, errors."""
+"""liverseg.downsampling and .prepare: halving a Task03 folder; geometry, tumors, resume, errors."""
 
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ from liverseg import prepare
 from liverseg.cases import check_dataset, find_cases
 from liverseg.cli import main
 from liverseg.constants import BACKGROUND, LABEL_VALUES, LIVER, TUMOR
-from liverseg.errors import DataError
-from liverseg.prepare import (
+from liverseg.downsampling import (
     downsample_case,
     downsample_image,
     downsample_label,
-    load_prepare_record,
-    prepare_dataset,
+    downsampled_affine,
 )
+from liverseg.errors import DataError
+from liverseg.prepare import load_prepare_record, prepare_dataset
 
 RAS = np.array(
     [[0.8, 0, 0, -40.0], [0, 0.8, 0, 12.0], [0, 0, 2.5, -300.0], [0, 0, 0, 1]], dtype=float
@@ -99,7 +99,7 @@ def test_bright_blob_stays_at_the_same_place_in_mm(affine):
         return nib.affines.apply_affine(aff, mean_index)
 
     # Sampling moves the centroid by < 0.1 voxel; a half-voxel origin error moves it >= 0.35 mm.
-    new_affine = prepare.downsampled_affine(affine, 2)
+    new_affine = downsampled_affine(affine, 2)
     np.testing.assert_allclose(
         centroid_mm(reduced, new_affine), centroid_mm(volume, affine), atol=0.2
     )

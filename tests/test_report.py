@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from liverseg.constants import BACKGROUND, LIVER, TUMOR
+from liverseg.downsampling import downsampled_affine
 from liverseg.errors import DataError
-from liverseg.prepare import downsampled_affine
 from liverseg.report import (
     DISCLAIMER,
     axial_axis,
