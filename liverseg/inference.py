@@ -4,7 +4,7 @@ The steps of :func:`predict_volume`:
 
 1. Read the CT in HU at its stored dtype (int16 stays int16; no float64 copy).
 2. With ``zoom > 1`` (an original-resolution scan and a model trained on reduced data), reduce it
-   exactly as ``liverseg prepare`` reduced the training data (:func:`liverseg.prepare.
+   exactly as ``liverseg prepare`` reduced the training data (:func:`liverseg.downsampling.
    downsample_image`: antialiased, block-centre grid).
 3. Reorient to canonical RAS, apply the training HU window (:func:`liverseg.transforms.
    intensity_transform`) and pad to at least one patch.
@@ -512,7 +512,7 @@ def _linear_weights(n: int, zoom: int) -> tuple[torch.Tensor, torch.Tensor, torc
     """Per input voxel along one axis: reduced neighbours (i0, i1) and weight of i1.
 
     Reduced voxel ``i`` has its centre at input coordinate ``min(i*zoom + (zoom-1)/2, n-1)``
-    (liverseg.prepare's block-centre grid); outside the first/last centre the value is held.
+    (liverseg.downsampling's block-centre grid); outside the first/last centre the value is held.
     """
     centres = np.minimum(np.arange(-(-n // zoom)) * zoom + (zoom - 1) / 2, n - 1)
     x = np.arange(n, dtype=np.float64)
