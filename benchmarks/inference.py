@@ -45,8 +45,10 @@ from monai.inferers import sliding_window_inference
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
+from liverseg.checkpoints import load_model, predict_kwargs
 from liverseg.constants import LIVER, TUMOR
-from liverseg.inference import autocast_dtype, load_model, predict_kwargs, predict_volume
+from liverseg.devices import autocast_dtype
+from liverseg.inference import predict_volume
 from liverseg.losses import compute_loss, to_labels, to_probabilities
 from liverseg.model import UNet3D
 from liverseg.phantoms import generate_case

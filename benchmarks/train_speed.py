@@ -22,10 +22,10 @@ import torchio as tio
 from liverseg.cases import find_cases
 from liverseg.config import load_config
 from liverseg.constants import IMAGE, LABEL
-from liverseg.inference import resolve_device
+from liverseg.devices import resolve_device, training_dtype
 from liverseg.losses import compute_loss
 from liverseg.phantoms import write_dataset
-from liverseg.train import build_model, build_training_loader, training_dtype
+from liverseg.train import build_model, build_training_loader
 
 
 def sync(device: torch.device) -> None:

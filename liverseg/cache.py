@@ -22,8 +22,7 @@ import numpy as np
 from liverseg.cases import Case, label_affine_matches
 from liverseg.constants import BACKGROUND
 from liverseg.errors import DataError
-from liverseg.files import atomic_path
-from liverseg.inference import read_volume
+from liverseg.files import atomic_path, read_volume
 
 CACHE_VERSION = 1
 

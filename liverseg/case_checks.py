@@ -1,13 +1,12 @@
 """The data doctor's checks of one case: header first, then voxels in the file's own dtype.
 
-Each check returns :class:`Problem` records instead of raising, so :func:`liverseg.cases.
-check_dataset` can gather every problem of a dataset before reporting.
+Each check returns :class:`liverseg.problems.Problem` records instead of raising, so
+:func:`liverseg.cases.check_dataset` can gather every problem of a dataset before reporting.
 """
 
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,31 +16,16 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.openers import ImageOpener
 
 from liverseg.constants import LABEL_VALUES, LIVER, TUMOR
+from liverseg.problems import ERROR, WARNING, Problem
 from liverseg.report import spacing_is_trustworthy
 
 if TYPE_CHECKING:
     from liverseg.cases import Case
 
 
-ERROR, WARNING = "error", "warning"
 # 4x the largest Task03 volume (~260 M voxels): beyond it the header is corrupt, not the scan.
 MAX_VOXELS = 1_000_000_000
 _READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, MemoryError, ImageFileError)
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One problem of one file.
-
-    Attributes:
-        severity: ``"error"`` (training refuses the dataset) or ``"warning"``.
-        path: The file concerned.
-        message: What was expected, what was found, and how to fix it.
-    """
-
-    severity: str
-    path: Path
-    message: str
 
 
 def label_affine_matches(

@@ -3,7 +3,8 @@
 Discovery only lists files: a missing image or label is kept in the case list (its path does
 not exist) so that the data doctor (:func:`check_dataset`) reports it together with every
 other problem instead of stopping at the first one. The checks of one case live in
-:mod:`liverseg.case_checks` and are re-exported here.
+:mod:`liverseg.case_checks` and are re-exported here; the problems found, their table and the
+error that stops training, in :mod:`liverseg.problems`.
 """
 
 from __future__ import annotations
@@ -14,22 +15,18 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from liverseg.case_checks import ERROR, WARNING, Problem, check_case, label_affine_matches
+from liverseg.case_checks import check_case, label_affine_matches
 from liverseg.constants import HIDDEN_PREFIX
 from liverseg.errors import DataError
+from liverseg.problems import ERROR, WARNING, Problem, Problems
 
 __all__ = [
     "Case",
     "MissingTestFolderError",
-    "Problem",
-    "Problems",
     "check_case",
     "check_dataset",
     "find_cases",
-    "format_problems",
-    "has_errors",
     "label_affine_matches",
-    "raise_for_errors",
 ]
 
 log = logging.getLogger(__name__)
@@ -236,14 +233,6 @@ def _find(root: Path, split: str, content: dict | None) -> list[Case]:
     return cases
 
 
-class Problems(list):
-    """The problems of a dataset check; ``n_cases`` is how many cases were checked."""
-
-    def __init__(self, problems=(), n_cases: int | None = None):
-        super().__init__(problems)
-        self.n_cases = n_cases
-
-
 def _discover(root: Path) -> tuple[list[Case], list[Problem]]:
     """Training and test cases of ``root``, plus the problems of discovery itself."""
     root = _existing_root(root)
@@ -333,51 +322,3 @@ def check_dataset(
             case, affine_tolerance_mm=affine_tolerance_mm, copy_label_geometry=copy_label_geometry
         )
     return Problems(problems, n_cases=len(cases))
-
-
-def has_errors(problems: list[Problem]) -> bool:
-    """Whether any problem is an error."""
-    return any(problem.severity == ERROR for problem in problems)
-
-
-def format_problems(problems: list[Problem], n_cases: int | None = None) -> str:
-    """A table, one row per problem (severity, file, message), and a summary line.
-
-    Args:
-        problems: From :func:`check_dataset` (which carries ``n_cases``) or :func:`check_case`.
-        n_cases: Number of cases checked; default ``problems.n_cases`` where present.
-
-    Returns:
-        The table; a single line saying so when there are no problems.
-    """
-    if n_cases is None:
-        n_cases = getattr(problems, "n_cases", None)
-    errors = sum(problem.severity == ERROR for problem in problems)
-    cases = f"{n_cases} cases, " if n_cases is not None else ""
-    summary = f"{cases}{errors} errors, {len(problems) - errors} warnings"
-    if not problems:
-        return f"no problems found ({summary})"
-    width = max(len(str(problem.path)) for problem in problems)
-    rows = [f"{'severity':<8}  {'file':<{width}}  problem"]
-    rows += [f"{p.severity:<8}  {str(p.path):<{width}}  {p.message}" for p in problems]
-    return "\n".join([*rows, summary])
-
-
-def raise_for_errors(problems: list[Problem], root: str | Path) -> None:
-    """Log the warnings; raise if any problem is an error.
-
-    Args:
-        problems: From :func:`check_dataset`.
-        root: The dataset folder, named in the message.
-
-    Raises:
-        DataError: With the same table ``liverseg check`` prints, when there are errors.
-    """
-    for problem in problems:
-        if problem.severity == WARNING:
-            log.warning("%s: %s", problem.path, problem.message)
-    if has_errors(problems):
-        raise DataError(
-            f"the dataset at {root} has problems; fix the errors below (`liverseg check {root}` "
-            f"shows this table again):\n{format_problems(problems)}"
-        )

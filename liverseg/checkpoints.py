@@ -2,11 +2,14 @@
 
 A checkpoint holds only tensors and plain Python values: model, optimizer and scaler states,
 epoch, best metric, RNG states, the resolved config (with its preprocessing) and the package
-version, so inference can rebuild everything from it alone.
+version. :func:`training_state` gathers all but the version, which :func:`save_checkpoint` adds;
+a resumed run gets its states back with :func:`restore_training_state`, and inference rebuilds
+model and settings from the checkpoint alone with :func:`load_model`.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 
@@ -14,10 +17,18 @@ import numpy as np
 import torch
 
 from liverseg import __version__
-from liverseg.errors import CheckpointError
+from liverseg.config import Config, from_dict, to_dict
+from liverseg.devices import resolve_device
+from liverseg.errors import CheckpointError, ConfigError
 from liverseg.files import atomic_path
+from liverseg.losses import out_channels
+from liverseg.model import UNet3D
+from liverseg.postprocess import Postprocess
+
+log = logging.getLogger(__name__)
 
 REQUIRED_KEYS = ("model", "config", "preprocessing", "epoch")
+PREPROCESSING_KEYS = ("hu_min", "hu_max", "factor", "head")
 
 
 def rng_state() -> dict:
@@ -75,3 +86,128 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"checkpoint {path} is not a liverseg checkpoint: missing key(s) {', '.join(missing)}"
         )
     return checkpoint
+
+
+def restore_training_state(checkpoint: dict, model, optimizer, scaler) -> None:
+    """Load a resumed run's model, optimizer, scaler and RNG states from its checkpoint."""
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scaler.load_state_dict(checkpoint["scaler"])
+    set_rng_state(checkpoint["rng"])
+
+
+def training_state(
+    model, optimizer, scaler, epoch: int, best_metric: float, config: Config, preprocessing: dict
+) -> dict:
+    """What a checkpoint holds: tensors and plain values only."""
+    return dict(
+        model=model.state_dict(),
+        optimizer=optimizer.state_dict(),
+        scaler=scaler.state_dict(),
+        epoch=epoch,
+        best_metric=best_metric,
+        rng=rng_state(),
+        config=to_dict(config),
+        preprocessing=preprocessing,
+    )
+
+
+def load_model(checkpoint: str | Path, device: str | torch.device = "auto") -> tuple[UNet3D, dict]:
+    """Rebuild the model and its settings from a checkpoint alone.
+
+    Args:
+        checkpoint: A ``.pt`` file written by ``liverseg train``.
+        device: Where to put the model (see :func:`liverseg.devices.resolve_device`).
+
+    Returns:
+        The model in eval mode, and the settings: ``hu_min``, ``hu_max``, ``factor``, ``head``
+        (the checkpoint's preprocessing), ``patch_size``, and the inference section
+        (``overlap``, ``batch_size``, ``blending``, ``amp``, ``keep_largest_liver``,
+        ``tumor_inside_liver``, ``min_tumor_mm3``). :func:`predict_kwargs` turns them into
+        :func:`liverseg.inference.predict_volume` arguments.
+
+    Raises:
+        CheckpointError: Missing, corrupted or non-liverseg file, or weights that do not fit the
+            model its config describes; the message names the file and the problem.
+    """
+    path = Path(checkpoint)
+    state = load_checkpoint(path, map_location="cpu")
+    try:
+        config = from_dict(state["config"], source=f"checkpoint {path}")
+    except (ConfigError, TypeError, AttributeError) as exc:
+        raise CheckpointError(
+            f"checkpoint {path} holds a config this version of liverseg cannot read ({exc}); "
+            "predict with the liverseg version that trained it"
+        ) from None
+    preprocessing = state["preprocessing"]
+    missing = [
+        k
+        for k in PREPROCESSING_KEYS
+        if not isinstance(preprocessing, dict) or k not in preprocessing
+    ]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path} is not a liverseg checkpoint: preprocessing lacks "
+            f"{', '.join(missing)}"
+        )
+    try:
+        model = UNet3D(
+            in_channels=1,
+            out_channels=out_channels(preprocessing["head"]),
+            features=config.model.features,
+            norm=config.model.norm,
+            dropout=config.model.dropout,
+            deep_supervision=config.model.deep_supervision,
+        )
+        model.load_state_dict(state["model"])
+    except (ValueError, RuntimeError, TypeError, AttributeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(
+            f"checkpoint {path}: the weights do not fit the model its config describes ({reason})"
+        ) from None
+    device = resolve_device(device)
+    model.eval().to(device)
+    inference = config.inference
+    settings = {
+        "hu_min": float(preprocessing["hu_min"]),
+        "hu_max": float(preprocessing["hu_max"]),
+        "factor": int(preprocessing["factor"]),
+        "head": str(preprocessing["head"]),
+        "patch_size": int(config.data.patch_size),
+        "overlap": inference.overlap,
+        "batch_size": inference.batch_size,
+        "blending": inference.blending,
+        "amp": inference.amp,
+        "keep_largest_liver": inference.keep_largest_liver,
+        "tumor_inside_liver": inference.tumor_inside_liver,
+        "min_tumor_mm3": inference.min_tumor_mm3,
+    }
+    log.info("loaded %s (epoch %s) on %s", path, state.get("epoch"), device)
+    return model, settings
+
+
+def predict_kwargs(settings: dict, prepared: bool = False) -> dict:
+    """Keyword arguments of :func:`liverseg.inference.predict_volume` from :func:`load_model`'s
+    settings.
+
+    Args:
+        settings: As returned by :func:`load_model`.
+        prepared: The inputs were already reduced by ``liverseg prepare`` (zoom 1); otherwise
+            they are original scans and are reduced by the checkpoint's ``factor``.
+    """
+    return {
+        "hu_min": settings["hu_min"],
+        "hu_max": settings["hu_max"],
+        "head": settings["head"],
+        "patch_size": settings["patch_size"],
+        "overlap": settings["overlap"],
+        "batch_size": settings["batch_size"],
+        "blending": settings["blending"],
+        "amp": settings["amp"],
+        "zoom": 1 if prepared else settings["factor"],
+        "postprocess": Postprocess(
+            keep_largest_liver=settings["keep_largest_liver"],
+            tumor_inside_liver=settings["tumor_inside_liver"],
+            min_tumor_mm3=settings["min_tumor_mm3"],
+        ),
+    }

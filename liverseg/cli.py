@@ -30,7 +30,8 @@ def _phantoms(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from liverseg.cases import check_dataset, format_problems, has_errors
+    from liverseg.cases import check_dataset
+    from liverseg.problems import format_problems, has_errors
 
     problems = check_dataset(
         args.data_dir,

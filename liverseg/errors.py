@@ -18,3 +18,7 @@ class ConfigError(LiversegError):
 
 class CheckpointError(LiversegError):
     """A checkpoint is missing, corrupted or incompatible."""
+
+
+class TrainingError(LiversegError):
+    """The run cannot go on (non-finite losses, incompatible resume)."""

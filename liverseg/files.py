@@ -1,15 +1,22 @@
-"""Crash-safe file writing: write to a temporary name in the same folder, then rename."""
+"""NIfTI files: voxels read without a float64 copy; every write crash-safe.
+
+A write goes to a temporary name in the same folder, then is renamed onto its destination.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import tempfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torchio as tio
+
+from liverseg.errors import DataError
 
 
 @contextlib.contextmanager
@@ -77,3 +84,55 @@ def stored_voxels(image: nib.spatialimages.SpatialImage) -> np.ndarray:
     if data.dtype.kind == "f" and data.dtype != np.float32:
         data = data.astype(np.float32)
     return data
+
+
+def read_volume(
+    image: str | Path | tio.ScalarImage | nib.Nifti1Image,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The HU voxels and affine of a CT, at its stored dtype and orientation.
+
+    Args:
+        image: A NIfTI path, a ``tio.ScalarImage`` or a nibabel image.
+
+    Returns:
+        ``(hu, affine)``: ``hu`` of shape ``(W, H, D)`` (int16 stays int16; scaled or float data
+        become float32), ``affine`` 4 x 4 float64.
+
+    Raises:
+        DataError: Missing or unreadable file, not 3D, or a singular affine.
+    """
+    if isinstance(image, tio.ScalarImage):
+        name = str(image.path) if image.path else "the tio.ScalarImage"
+    elif isinstance(image, nib.spatialimages.SpatialImage):
+        name = image.get_filename() or "the nibabel image"
+    else:
+        name = str(image)
+    try:
+        if isinstance(image, tio.ScalarImage):
+            data = image.data.numpy()
+            affine = np.asarray(image.affine, dtype=np.float64)
+        else:
+            if not isinstance(image, nib.spatialimages.SpatialImage):
+                path = Path(image)
+                if not path.is_file():
+                    raise DataError(f"{path}: file not found; expected a .nii or .nii.gz CT")
+                image = nib.load(str(path))
+            affine = np.asarray(image.affine, dtype=np.float64)
+            data = stored_voxels(image)
+    except (nib.filebasedimages.ImageFileError, OSError, EOFError, zlib.error, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"{name}: cannot read it as a NIfTI CT volume ({reason})") from None
+    data = np.asarray(data)
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim == 4 and data.shape[0] == 1:
+        data = data[0]
+    if data.ndim != 3:
+        raise DataError(f"{name}: expected a 3D CT volume, found shape {data.shape}")
+    if not np.issubdtype(data.dtype, np.integer) and data.dtype != np.float32:
+        data = data.astype(np.float32)
+    if data.dtype.kind not in "iuf":
+        raise DataError(f"{name}: expected numeric voxels, found dtype {data.dtype}")
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise DataError(f"{name}: the affine is singular or not finite:\n{affine}")
+    return data, affine

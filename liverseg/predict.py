@@ -24,9 +24,10 @@ import nibabel as nib
 import torch
 
 from liverseg.cases import case_id_of, natural_key
+from liverseg.checkpoints import load_model, predict_kwargs
 from liverseg.constants import HIDDEN_PREFIX
-from liverseg.files import atomic_path, save_nifti
-from liverseg.inference import load_model, predict_kwargs, predict_volume, read_volume
+from liverseg.files import atomic_path, read_volume, save_nifti
+from liverseg.inference import predict_volume
 from liverseg.prepare import RECORD_NAME, load_prepare_record
 from liverseg.report import case_report
 

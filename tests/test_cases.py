@@ -16,15 +16,13 @@ from liverseg.cases import (
     check_case,
     check_dataset,
     find_cases,
-    format_problems,
-    has_errors,
     label_affine_matches,
-    raise_for_errors,
 )
 from liverseg.cli import main
 from liverseg.constants import LIVER, TUMOR
 from liverseg.downsampling import downsampled_affine
 from liverseg.errors import DataError
+from liverseg.problems import format_problems, has_errors, raise_for_errors
 
 SHAPE = (24, 20, 16)
 AFFINE = np.array(

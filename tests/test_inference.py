@@ -8,17 +8,12 @@ import torch
 import torchio as tio
 from torch import nn
 
+from liverseg.checkpoints import load_model, predict_kwargs
 from liverseg.config import Config, DataConfig, ModelConfig, to_dict
 from liverseg.constants import BACKGROUND, LIVER, TUMOR
+from liverseg.devices import _cpu_supports_bf16, uses_channels_last
 from liverseg.errors import CheckpointError, DataError, LiversegError
-from liverseg.inference import (
-    _cpu_supports_bf16,
-    load_model,
-    patch_overlap_voxels,
-    predict_kwargs,
-    predict_volume,
-    uses_channels_last,
-)
+from liverseg.inference import patch_overlap_voxels, predict_volume
 from liverseg.model import UNet3D
 from liverseg.postprocess import Postprocess, postprocess_labels
 from liverseg.transforms import preprocessing_settings

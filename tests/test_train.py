@@ -13,9 +13,10 @@ import torch
 from liverseg.checkpoints import load_checkpoint
 from liverseg.cli import main as cli_main
 from liverseg.config import from_dict, load_config, to_dict
-from liverseg.errors import CheckpointError, DataError
+from liverseg.devices import training_layout
+from liverseg.errors import CheckpointError, DataError, TrainingError
 from liverseg.phantoms import write_dataset
-from liverseg.train import TrainingError, fit, training_layout
+from liverseg.train import fit
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -146,9 +147,9 @@ def test_killed_run_resumes_with_continuous_metrics(phantom_root, tmp_path):
 
 def test_crash_while_writing_metrics_loses_no_row(phantom_root, tmp_path, monkeypatch):
     import liverseg.train as train_module
+    from liverseg.history import write_metrics as real_write
 
     run_dir = tmp_path / "run"
-    real_write = train_module.write_metrics
     calls = []
 
     def crash_on_second_epoch(path, rows):
@@ -197,7 +198,7 @@ def test_bad_settings_fail_before_any_data_is_read(tmp_path, override, message):
 
 
 def test_deep_supervision_run_trains_and_its_checkpoint_predicts(phantom_root, tmp_path):
-    from liverseg.inference import load_model
+    from liverseg.checkpoints import load_model
 
     run_dir = tmp_path / "run"
     overrides = tiny_overrides(
@@ -223,7 +224,7 @@ def test_resume_accepts_moved_data_and_other_workers(phantom_root, tmp_path):
 
 
 def test_poly_schedule_decays_and_is_logged(phantom_root, tmp_path):
-    from liverseg.train import learning_rate
+    from liverseg.lr_schedules import learning_rate
 
     assert learning_rate(1e-3, "constant", 7, 10) == 1e-3
     assert learning_rate(1e-3, "poly", 1, 10) == 1e-3

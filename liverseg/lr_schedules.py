@@ -1,0 +1,15 @@
+"""Learning-rate schedules, a function of the epoch alone (``train.lr_schedule``)."""
+
+from __future__ import annotations
+
+LR_SCHEDULES = ("constant", "poly")
+
+
+def learning_rate(lr: float, schedule: str, epoch: int, epochs: int) -> float:
+    """The learning rate of ``epoch`` (1-based): constant, or nnU-Net's polynomial decay.
+
+    A function of the epoch alone, so a resumed run continues on the same curve.
+    """
+    if schedule == "poly":
+        return lr * (1 - (epoch - 1) / epochs) ** 0.9
+    return lr
