@@ -124,7 +124,8 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "auto") -> t
         (the checkpoint's preprocessing), ``patch_size``, and the inference section
         (``overlap``, ``batch_size``, ``blending``, ``amp``, ``keep_largest_liver``,
         ``tumor_inside_liver``, ``min_tumor_mm3``). :func:`predict_kwargs` turns them into
-        :func:`liverseg.inference.predict_volume` arguments.
+        :func:`liverseg.inference.predict_volume` arguments. ``provenance`` says which model
+        this is: ``checkpoint`` (its path), ``epoch`` and the ``liverseg_version`` that trained it.
 
     Raises:
         CheckpointError: Missing, corrupted or non-liverseg file, or weights that do not fit the
@@ -181,6 +182,11 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "auto") -> t
         "keep_largest_liver": inference.keep_largest_liver,
         "tumor_inside_liver": inference.tumor_inside_liver,
         "min_tumor_mm3": inference.min_tumor_mm3,
+        "provenance": {
+            "checkpoint": str(path),
+            "epoch": int(state["epoch"]),
+            "liverseg_version": str(state.get("version", "unknown")),
+        },
     }
     log.info("loaded %s (epoch %s) on %s", path, state.get("epoch"), device)
     return model, settings

@@ -155,8 +155,9 @@ def predict_paths(
             if not prepared and _already_reduced(path, settings["factor"]):
                 case_kwargs = reduced_kwargs
             report = predict_case(
-                model, path, name, outputs, case_kwargs, settings["min_tumor_mm3"]
-            )
+                model, path, name, outputs, case_kwargs, settings["min_tumor_mm3"],
+                provenance=settings["provenance"],
+            )  # fmt: skip
         except Exception as exc:  # one bad case must not stop the others
             log.debug("prediction of %s failed", path, exc_info=True)
             message = str(exc).splitlines()[0] if str(exc) else ""
@@ -225,6 +226,7 @@ def predict_case(
     outputs: tuple[Path, Path],
     kwargs: dict,
     min_tumor_mm3: float,
+    provenance: dict | None = None,
 ) -> dict:
     """Predict one CT file and write its segmentation and report; return the report.
 
@@ -235,6 +237,8 @@ def predict_case(
         outputs: ``(segmentation path, report path)``.
         kwargs: :func:`liverseg.inference.predict_volume` settings (see ``predict_kwargs``).
         min_tumor_mm3: Smallest lesion counted in the report.
+        provenance: Which model predicted (checkpoint path, epoch, version); stored in the
+            report as ``model``.
     """
     hu, affine = read_volume(path)
     prediction = predict_volume(model, nib.Nifti1Image(hu, affine), progress=True, **kwargs)
@@ -242,6 +246,8 @@ def predict_case(
         prediction.labels, affine, image_hu=hu, min_tumor_mm3=min_tumor_mm3, case_id=case_id
     )
     report["input"] = str(path)
+    if provenance is not None:
+        report["model"] = dict(provenance)
     seg_path, report_path = outputs
     save_nifti(prediction.labels, affine, seg_path)
     with atomic_path(report_path) as tmp:

@@ -276,7 +276,9 @@ def fit(config: Config) -> dict:
             time.perf_counter() - started,
         )
     if config.run.final_predictions and val_cases:
-        write_final_predictions(run_dir, best if best.exists() else last, val_cases, config)
+        # The final model, not best.pt: a best picked on a few validation cases was never
+        # clearly better on 40 other phantoms and once much worse (README, "Choosing").
+        write_final_predictions(run_dir, last, val_cases, config)
     return {
         "epoch": config.train.epochs,
         "best_metric": best_metric,

@@ -68,6 +68,11 @@ def test_writes_segmentation_report_and_summary(tmp_path, checkpoint):
     assert set(np.unique(np.asarray(seg.dataobj))) <= {BACKGROUND, LIVER, TUMOR}
     report = json.loads((out / "liver_7_report.json").read_text())
     assert report["case_id"] == "liver_7"
+    assert report["model"] == {
+        "checkpoint": str(checkpoint),
+        "epoch": 1,
+        "liverseg_version": "0.1.0",
+    }
     rows = read_summary(out)
     assert rows["liver_7"]["status"] == "ok"
     assert float(rows["liver_7"]["liver_ml"]) == pytest.approx(report["liver_volume_ml"], abs=1e-3)

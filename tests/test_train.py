@@ -197,6 +197,32 @@ def test_bad_settings_fail_before_any_data_is_read(tmp_path, override, message):
         fit(load_config(None, overrides))
 
 
+def test_final_predictions_come_from_the_last_checkpoint(phantom_root, tmp_path, monkeypatch):
+    import json
+
+    import liverseg.train
+
+    # Validation scores that fall after epoch 1: best.pt stays epoch 1's, last.pt is epoch 3's.
+    falling = iter([0.9, 0.5, 0.1])
+
+    def fake_validate(model, cases, config, device):
+        score = next(falling)
+        return {"liver_excl_tumor": score, "liver_incl_tumor": score, "tumor": score}
+
+    monkeypatch.setattr(liverseg.train, "validate", fake_validate)
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(
+        phantom_root, run_dir, "train.epochs=3", "run.final_predictions=true"
+    )
+    fit(load_config(None, overrides))
+    assert torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)["epoch"] == 1
+    reports = sorted((run_dir / "predictions").glob("*_report.json"))
+    assert len(reports) == 1  # the one validation case
+    model = json.loads(reports[0].read_text())["model"]
+    assert model["epoch"] == 3 and model["checkpoint"].endswith("last.pt")
+    assert (run_dir / "animation.html").is_file()
+
+
 def test_deep_supervision_run_trains_and_its_checkpoint_predicts(phantom_root, tmp_path):
     from liverseg.checkpoints import load_model
 
