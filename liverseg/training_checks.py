@@ -90,6 +90,12 @@ def find_training_cases(config: Config) -> list[Case]:
             "To try liverseg on synthetic data instead: python main.py --config configs/demo.yaml"
         )
     cases = find_cases(root, split="training")
+    if config.phantoms.cases > 0 and len(cases) != config.phantoms.cases:
+        raise DataError(
+            f"{root} holds {len(cases)} training cases but phantoms.cases={config.phantoms.cases} "
+            f"asks for that many phantoms (a folder from another config?): remove {root} to "
+            f"create them again, or set phantoms.cases={len(cases)} to use what is there"
+        )
     raise_for_errors(
         check_dataset(
             root,

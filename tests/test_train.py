@@ -116,6 +116,23 @@ def test_missing_dataset_says_where_and_how(tmp_path, capsys):
     assert "Traceback" not in err
 
 
+def test_phantom_folder_of_another_size_is_refused(phantom_root, tmp_path):
+    from liverseg.errors import DataError
+
+    overrides = tiny_overrides(phantom_root, tmp_path / "run", "phantoms.cases=6")
+    with pytest.raises(DataError, match=r"holds 4 training cases but phantoms.cases=6"):
+        fit(load_config(None, overrides))
+
+
+def test_missing_phantoms_are_created(tmp_path):
+    root = tmp_path / "made"
+    overrides = tiny_overrides(
+        root, tmp_path / "run", "phantoms.cases=4", "phantoms.shape=[40, 40, 32]", "train.epochs=1"
+    )
+    fit(load_config(None, overrides))
+    assert len(list((root / "imagesTr").glob("*.nii.gz"))) == 4
+
+
 def test_bad_case_stops_the_run_before_training(tmp_path):
     root = tmp_path / "data"
     write_dataset(root, cases=3, shape=(40, 40, 32), seed=0, test_cases=0)
