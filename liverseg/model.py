@@ -189,7 +189,7 @@ class UNet3D(nn.Module):
             self.ups.append(nn.ConvTranspose3d(deep, shallow, kernel_size=2, stride=2))
             self.decoders.append(block(2 * shallow, shallow))
         self.head = nn.Conv3d(features[0], out_channels, kernel_size=1)
-        # Heads of the decoder levels just above the full-resolution one, finest first.
+        # Heads of the decoder levels coarser than full resolution, finest first.
         self.deep_heads = nn.ModuleList(
             nn.Conv3d(width, out_channels, kernel_size=1)
             for width in features[1 : 1 + deep_supervision]
