@@ -20,12 +20,13 @@ import torch
 import torchio as tio
 
 from liverseg.cases import find_cases
+from liverseg.checkpoints import build_model
 from liverseg.config import load_config
 from liverseg.constants import IMAGE, LABEL
 from liverseg.devices import resolve_device, training_dtype
 from liverseg.losses import compute_loss
 from liverseg.phantoms import write_dataset
-from liverseg.train import build_model, build_training_loader
+from liverseg.train import build_training_loader
 
 
 def sync(device: torch.device) -> None:

@@ -21,7 +21,7 @@ from liverseg.config import Config, from_dict, to_dict
 from liverseg.devices import resolve_device
 from liverseg.errors import CheckpointError, ConfigError
 from liverseg.files import atomic_path
-from liverseg.losses import out_channels
+from liverseg.losses import head_for_loss, out_channels
 from liverseg.model import UNet3D
 from liverseg.postprocess import Postprocess
 
@@ -112,6 +112,24 @@ def training_state(
     )
 
 
+def build_model(config: Config, head: str | None = None) -> UNet3D:
+    """The UNet3D of ``config.model``, for training and for loading a checkpoint alike.
+
+    Args:
+        config: The run's config.
+        head: ``"regions"`` or ``"softmax"``; None: the head of ``config.train.loss``.
+    """
+    head = head_for_loss(config.train.loss) if head is None else head
+    return UNet3D(
+        in_channels=1,
+        out_channels=out_channels(head),
+        features=config.model.features,
+        norm=config.model.norm,
+        dropout=config.model.dropout,
+        deep_supervision=config.model.deep_supervision,
+    )
+
+
 def load_model(checkpoint: str | Path, device: str | torch.device = "auto") -> tuple[UNet3D, dict]:
     """Rebuild the model and its settings from a checkpoint alone.
 
@@ -152,14 +170,7 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "auto") -> t
             f"{', '.join(missing)}"
         )
     try:
-        model = UNet3D(
-            in_channels=1,
-            out_channels=out_channels(preprocessing["head"]),
-            features=config.model.features,
-            norm=config.model.norm,
-            dropout=config.model.dropout,
-            deep_supervision=config.model.deep_supervision,
-        )
+        model = build_model(config, preprocessing["head"])
         model.load_state_dict(state["model"])
     except (ValueError, RuntimeError, TypeError, AttributeError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

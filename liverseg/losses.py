@@ -204,8 +204,8 @@ def compute_loss(
             target = label
             if output.shape[2:] != label.shape[2:]:
                 target = F.interpolate(label.float(), size=output.shape[2:], mode="nearest")
-            total = total + weight / sum(weights) * compute_loss(output, target, name)
-        return total
+            total = total + weight * compute_loss(output, target, name)
+        return total / sum(weights)
     head = head_for_loss(name)
     if logits.ndim != 5 or label.ndim != 5 or label.shape[1] != 1:
         raise ValueError(

@@ -23,7 +23,12 @@ from tqdm import tqdm
 
 from liverseg.cache import build_cache
 from liverseg.cases import Case
-from liverseg.checkpoints import restore_training_state, save_checkpoint, training_state
+from liverseg.checkpoints import (
+    build_model,
+    restore_training_state,
+    save_checkpoint,
+    training_state,
+)
 from liverseg.config import Config, save_config
 from liverseg.constants import CASE_ID, DICE_CLASSES, IMAGE, LABEL
 from liverseg.data import PatchSettings, build_loader, load_or_create_split
@@ -31,27 +36,14 @@ from liverseg.devices import resolve_device, training_dtype, training_layout
 from liverseg.errors import CheckpointError, TrainingError
 from liverseg.history import metrics_row, plot_curves, read_metrics, write_metrics
 from liverseg.inference import predict_volume
-from liverseg.losses import compute_loss, head_for_loss, out_channels
+from liverseg.losses import compute_loss, head_for_loss
 from liverseg.lr_schedules import learning_rate
 from liverseg.metrics import case_dice
-from liverseg.model import UNet3D
 from liverseg.postprocess import Postprocess
 from liverseg.training_checks import check_config, find_training_cases, resume_state
 from liverseg.transforms import preprocessing_settings
 
 log = logging.getLogger(__name__)
-
-
-def build_model(config: Config) -> UNet3D:
-    """The UNet3D of ``config.model``; output channels follow from the loss's head."""
-    return UNet3D(
-        in_channels=1,
-        out_channels=out_channels(head_for_loss(config.train.loss)),
-        features=config.model.features,
-        norm=config.model.norm,
-        dropout=config.model.dropout,
-        deep_supervision=config.model.deep_supervision,
-    )
 
 
 def train_one_epoch(model, loader, optimizer, scaler, *, epoch, config, device, dtype) -> float:
