@@ -2,9 +2,9 @@
 
 Plain (as the seed describes it): every volume read from ``.nii.gz``, ToCanonical, HU window,
 CropOrPad to the training shape, whole-volume ``RandomAffine``, ``tio.LabelSampler``,
-``tio.Queue``. Ours: :mod:`liverseg.data` (preprocessed once into memory-mapped ``.npy`` by
-:mod:`liverseg.cache`; label-probability centres and augmentation of a patch with a margin by
-:mod:`liverseg.patches`, cut in the workers).
+``tio.Queue``. Ours: :mod:`liverseg.training.loader` (preprocessed once into memory-mapped ``.npy`` by
+:mod:`liverseg.training.cache`; label-probability centres and augmentation of a patch with a margin by
+:mod:`liverseg.training.patches`, cut in the workers).
 Same phantoms, same patch size, probabilities, samples per volume, workers and batch, in one run;
 each pipeline runs in its own process so its peak RAM (process tree, sampled) is its own.
 
@@ -56,7 +56,7 @@ def plain_loader(root: Path, args):
     import torch
     import torchio as tio
 
-    from liverseg.cases import find_cases
+    from liverseg.data.cases import find_cases
 
     subjects = [
         tio.Subject(image=tio.ScalarImage(c.image), label=tio.LabelMap(c.label))
@@ -82,9 +82,9 @@ def plain_loader(root: Path, args):
 
 
 def ours_loader(root: Path, args, cache: Path):
-    from liverseg.cache import build_cache
-    from liverseg.cases import find_cases
-    from liverseg.data import PatchSettings, build_loader
+    from liverseg.data.cases import find_cases
+    from liverseg.training.cache import build_cache
+    from liverseg.training.loader import PatchSettings, build_loader
 
     settings = {
         "hu_min": -150.0,

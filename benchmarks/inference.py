@@ -48,12 +48,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from liverseg.checkpoints import load_model, predict_kwargs
 from liverseg.constants import LIVER, TUMOR
 from liverseg.devices import autocast_dtype
-from liverseg.inference import predict_volume
-from liverseg.losses import compute_loss, to_labels, to_probabilities
+from liverseg.inference.postprocess import Postprocess, postprocess_labels
+from liverseg.inference.volume import predict_volume
 from liverseg.model import UNet3D
 from liverseg.phantoms import generate_case
-from liverseg.postprocess import Postprocess, postprocess_labels
-from liverseg.transforms import intensity_transform
+from liverseg.preprocessing import intensity_transform
+from liverseg.training.losses import compute_loss, to_labels, to_probabilities
 
 HU_MIN, HU_MAX = -150.0, 250.0
 FIT_PATCH = 48

@@ -14,8 +14,8 @@ import logging
 import time
 
 from liverseg.config import load_config
-from liverseg.losses import LOSSES
-from liverseg.train import fit
+from liverseg.training.fit import fit
+from liverseg.training.losses import LOSSES
 
 
 def main() -> None:

@@ -19,14 +19,14 @@ from pathlib import Path
 import torch
 import torchio as tio
 
-from liverseg.cases import find_cases
 from liverseg.checkpoints import build_model
 from liverseg.config import load_config
 from liverseg.constants import IMAGE, LABEL
+from liverseg.data.cases import find_cases
 from liverseg.devices import resolve_device, training_dtype
-from liverseg.losses import compute_loss
 from liverseg.phantoms import write_dataset
-from liverseg.train import build_training_loader
+from liverseg.training.fit import build_training_loader
+from liverseg.training.losses import compute_loss
 
 
 def sync(device: torch.device) -> None:

@@ -20,10 +20,10 @@ from liverseg import __version__
 from liverseg.config import Config, from_dict, to_dict
 from liverseg.devices import resolve_device
 from liverseg.errors import CheckpointError, ConfigError
-from liverseg.files import atomic_path
-from liverseg.losses import head_for_loss, out_channels
+from liverseg.inference.postprocess import Postprocess
+from liverseg.io import atomic_path
 from liverseg.model import UNet3D
-from liverseg.postprocess import Postprocess
+from liverseg.training.losses import head_for_loss, out_channels
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "auto") -> t
         (the checkpoint's preprocessing), ``patch_size``, and the inference section
         (``overlap``, ``batch_size``, ``blending``, ``amp``, ``keep_largest_liver``,
         ``tumor_inside_liver``, ``min_tumor_mm3``). :func:`predict_kwargs` turns them into
-        :func:`liverseg.inference.predict_volume` arguments. ``provenance`` says which model
+        :func:`liverseg.inference.volume.predict_volume` arguments. ``provenance`` says which model
         this is: ``checkpoint`` (its path), ``epoch`` and the ``liverseg_version`` that trained it.
 
     Raises:
@@ -204,7 +204,7 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "auto") -> t
 
 
 def predict_kwargs(settings: dict, prepared: bool = False) -> dict:
-    """Keyword arguments of :func:`liverseg.inference.predict_volume` from :func:`load_model`'s
+    """Keyword arguments of :func:`liverseg.inference.volume.predict_volume` from :func:`load_model`'s
     settings.
 
     Args:

@@ -30,8 +30,8 @@ def _phantoms(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from liverseg.cases import check_dataset
-    from liverseg.problems import format_problems, has_errors
+    from liverseg.data.cases import check_dataset
+    from liverseg.data.problems import format_problems, has_errors
 
     problems = check_dataset(
         args.data_dir,
@@ -43,7 +43,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from liverseg.prepare import prepare_dataset
+    from liverseg.data.prepare import prepare_dataset
 
     summary = prepare_dataset(args.src_dir, args.out_dir, factor=args.factor, workers=args.workers)
     print(summary)
@@ -52,14 +52,14 @@ def _prepare(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from liverseg.config import load_config
-    from liverseg.train import fit
+    from liverseg.training.fit import fit
 
     fit(load_config(args.config, tuple(args.overrides)))
     return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from liverseg.predict import predict_paths
+    from liverseg.inference.batch import predict_paths
 
     failures = predict_paths(
         args.checkpoint,
@@ -75,7 +75,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from liverseg.evaluation import evaluate_folders, validation_cases
+    from liverseg.evaluation.folders import evaluate_folders, validation_cases
 
     cases = list(args.cases) if args.cases else None
     if args.split is not None:

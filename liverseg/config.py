@@ -57,7 +57,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """UNet3D shape. Output channels follow from the loss (see liverseg.losses)."""
+    """UNet3D shape. Output channels follow from the loss (see liverseg.training.losses)."""
 
     features: tuple[int, ...] = (32, 64, 128, 256)
     norm: str = "instance"
@@ -300,7 +300,7 @@ def load_config(path: str | Path | None = None, overrides: tuple = ()) -> Config
 
 def save_config(config: Config, path: str | Path) -> None:
     """Write the resolved config as YAML, atomically."""
-    from liverseg.files import atomic_path
+    from liverseg.io import atomic_path
 
     with atomic_path(path) as tmp:
         tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

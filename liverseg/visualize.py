@@ -29,7 +29,7 @@ import numpy as np
 
 from liverseg.constants import LABEL_NAMES, LABEL_VALUES, LIVER, TUMOR
 from liverseg.errors import DataError, LiversegError
-from liverseg.files import atomic_path, stored_voxels
+from liverseg.io import atomic_path, stored_voxels
 
 if TYPE_CHECKING:
     from matplotlib.animation import Animation

@@ -17,7 +17,7 @@ import numpy as np
 from nbclient import NotebookClient
 
 from liverseg.constants import BACKGROUND
-from liverseg.report import case_report
+from liverseg.evaluation.report import case_report
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "inference_demo.ipynb"

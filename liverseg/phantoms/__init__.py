@@ -26,7 +26,7 @@ from scipy import ndimage
 
 from liverseg.constants import BACKGROUND, LIVER, TUMOR
 from liverseg.errors import LiversegError
-from liverseg.files import atomic_path, save_nifti
+from liverseg.io import atomic_path, save_nifti
 from liverseg.phantoms.anatomy import draw_anatomy
 from liverseg.phantoms.grid import TISSUES, Grid
 from liverseg.phantoms.painters import paint_anatomy

@@ -1,0 +1,1 @@
+"""Evaluation: overlap and surface metrics, lesions, the per-case report, folder evaluation."""

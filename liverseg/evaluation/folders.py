@@ -1,0 +1,327 @@
+"""``liverseg evaluate``: compare a folder of predictions with the true labels.
+
+Predictions are ``PRED_DIR/<case>_seg.nii.gz`` (as written by ``liverseg predict``); truths are
+``GT_DIR/<case>.nii.gz`` or ``GT_DIR/labelsTr/<case>.nii.gz`` (a Task03 root). Per case: Dice of the
+three classes, VOE and RVD, ASSD and HD95 in mm of liver (incl. tumor) and tumor, and lesion
+detection counts; then means over cases, global Dice pooled over all voxels of all cases (as LiTS
+reports it) and lesion detection pooled over all lesions.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from liverseg.constants import BACKGROUND, DICE_CLASSES, HIDDEN_PREFIX, TUMOR
+from liverseg.data.cases import natural_key
+from liverseg.errors import DataError
+from liverseg.evaluation.lesions import (
+    DETECTION_RULE,
+    SIZE_CLASSES,
+    lesion_detection,
+    pool_detection,
+)
+from liverseg.evaluation.metrics import (
+    class_masks,
+    dice_score,
+    relative_volume_difference,
+    surface_distances,
+    volume_overlap_error,
+)
+from liverseg.evaluation.report import axial_axis
+from liverseg.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+PRED_SUFFIXES = ("_seg.nii.gz", "_seg.nii")
+LABEL_SUFFIXES = (".nii.gz", ".nii")
+# Classes that get VOE, RVD and surface distances (LiTS reports liver and tumor).
+SHAPE_CLASSES = {"liver": "liver_incl_tumor", "tumor": "tumor"}
+METRIC_COLUMNS = (
+    *(f"dice_{name}" for name in DICE_CLASSES),
+    *(f"{metric}_{short}" for short in SHAPE_CLASSES for metric in ("voe", "rvd", "assd", "hd95")),
+)
+DETECTION_COLUMNS = ("true_lesions", "found", "pred_lesions", "true_positive")
+
+
+def evaluate_folders(
+    pred_dir: str | Path,
+    gt_dir: str | Path,
+    out_csv: str | Path | None = None,
+    min_lesion_mm3: float = 0.0,
+    cases: Sequence[str] | None = None,
+) -> str:
+    """Evaluate every prediction against its truth; optionally write a CSV.
+
+    Args:
+        pred_dir: Folder of ``<case>_seg.nii.gz`` predictions.
+        gt_dir: Folder of ``<case>.nii.gz`` labels, or a Task03 root holding ``labelsTr/``.
+        out_csv: Where to write one row per case plus a ``mean`` row (atomically), or None.
+        min_lesion_mm3: Tumor components below this volume are not lesions for detection.
+        cases: Evaluate only these case ids (e.g. a run's validation cases); None: all.
+
+    Returns:
+        A printable table: per case and mean metrics, NaN counts, global Dice and the pooled
+        lesion detection with its rule.
+
+    Raises:
+        DataError: A folder is missing or empty, cases do not pair up (all listed), shapes
+            differ, or a file holds values other than the labels.
+    """
+    pairs = pair_cases(pred_dir, gt_dir, cases)
+    rows, detections = [], []
+    pooled = {name: [0, 0] for name in DICE_CLASSES}  # intersection, |A| + |B|
+    for case_id, (pred_path, truth_path) in pairs.items():
+        log.info("evaluating %s", case_id)
+        row, detection = _evaluate_case(pred_path, truth_path, pooled, min_lesion_mm3)
+        rows.append({"case_id": case_id, **row})
+        detections.append(detection)
+    means = {column: _mean(row[column] for row in rows) for column in METRIC_COLUMNS}
+    # Detection counts are pooled, not averaged: they appear under the table, not in the mean row.
+    means.update({column: "" for column in DETECTION_COLUMNS})
+    global_dice = {
+        name: 2 * inter / total if total else math.nan for name, (inter, total) in pooled.items()
+    }
+    detection = pool_detection(detections)
+    if out_csv is not None:
+        _write_csv(out_csv, rows, {"case_id": "mean", **means})
+    return _format_table(rows, means, global_dice, detection)
+
+
+def validation_cases(split_json: str | Path) -> list[str]:
+    """The ``"val"`` case ids of a run's ``split.json``.
+
+    Raises:
+        DataError: The file is missing, not JSON, or has no list of ids under ``"val"``.
+    """
+    path = Path(split_json)
+    try:
+        split = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"split file {path} does not exist; give a run's split.json") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"split file {path} is not readable JSON ({exc})") from None
+    val = split.get("val") if isinstance(split, dict) else None
+    if not isinstance(val, list) or not all(isinstance(c, str) for c in val):
+        raise DataError(
+            f'split file {path} has no list of case ids under "val"; expected '
+            '{"train": [...], "val": [...]} as liverseg train writes it'
+        )
+    return val
+
+
+def pair_cases(
+    pred_dir: str | Path, gt_dir: str | Path, cases: Sequence[str] | None = None
+) -> dict[str, tuple[Path, Path]]:
+    """Pair predictions with truths by case id.
+
+    Args:
+        pred_dir: Folder of ``<case>_seg.nii.gz`` files.
+        gt_dir: Folder of ``<case>.nii.gz`` files, or a Task03 root with ``labelsTr/``.
+        cases: Only these case ids, each of which needs a prediction and a truth; the other
+            files of both folders are ignored. None: every file must pair up.
+
+    Returns:
+        Case id -> (prediction path, truth path), sorted by case id.
+
+    Raises:
+        DataError: Listing every case without a truth and every truth without a prediction
+            (with ``cases``: every listed case lacking either).
+    """
+    pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
+    if (gt_dir / "labelsTr").is_dir():
+        gt_dir = gt_dir / "labelsTr"
+    predictions = _cases(pred_dir, PRED_SUFFIXES, "prediction")
+    truths = _cases(gt_dir, LABEL_SUFFIXES, "label")
+    if cases is not None:
+        wanted = set(cases)
+        if not wanted:
+            raise DataError("no case ids given to evaluate")
+        predictions = {c: p for c, p in predictions.items() if c in wanted}
+        truths = {c: t for c, t in truths.items() if c in wanted}
+        absent = sorted(wanted - set(predictions) - set(truths), key=natural_key)
+        if absent:
+            raise DataError(
+                f"{len(absent)} requested case(s) have neither a prediction in {pred_dir} nor a "
+                f"truth in {gt_dir}: {absent}; check the case ids"
+            )
+    extra = sorted(set(predictions) - set(truths), key=natural_key)
+    missing = sorted(set(truths) - set(predictions), key=natural_key)
+    if extra or missing:
+        problems = []
+        if missing:
+            problems.append(f"no prediction in {pred_dir} for {len(missing)} case(s): {missing}")
+        if extra:
+            problems.append(f"no truth in {gt_dir} for {len(extra)} prediction(s): {extra}")
+        raise DataError(
+            "predictions and truths do not pair up: "
+            + "; ".join(problems)
+            + f". Expected <case>_seg.nii.gz in {pred_dir} for every <case>.nii.gz in {gt_dir}; "
+            "predict the missing cases or evaluate against a folder holding only these truths"
+        )
+    return {case: (predictions[case], truths[case]) for case in sorted(truths, key=natural_key)}
+
+
+def _cases(folder: Path, suffixes: tuple[str, ...], kind: str) -> dict[str, Path]:
+    if not folder.is_dir():
+        raise DataError(f"{kind} folder {folder} does not exist; give a folder of NIfTI files")
+    cases = {}
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(HIDDEN_PREFIX) or not path.is_file():
+            continue
+        suffix = next((s for s in suffixes if path.name.endswith(s)), None)
+        if suffix is None:
+            continue
+        case = path.name[: -len(suffix)]
+        if case in cases:
+            raise DataError(f"case {case} has two {kind} files: {cases[case]} and {path}")
+        cases[case] = path
+    if not cases:
+        raise DataError(f"no {kind} files (*{suffixes[0]}) found in {folder}")
+    return cases
+
+
+def _evaluate_case(
+    pred_path: Path, truth_path: Path, pooled: dict, min_lesion_mm3: float
+) -> tuple[dict, dict]:
+    """Metrics of one case; adds its Dice counts to ``pooled``."""
+    truth_image = nib.load(str(truth_path))
+    pred_labels, truth_labels = _load_labels(pred_path), _load_labels(truth_path)
+    if pred_labels.shape != truth_labels.shape:
+        raise DataError(
+            f"prediction {pred_path} has shape {pred_labels.shape} but truth {truth_path} has "
+            f"shape {truth_labels.shape}; predictions must be in the truth's geometry "
+            "(liverseg predict writes them so, unless the inputs were prepared/downsampled)"
+        )
+    pred_affine = nib.load(str(pred_path)).affine
+    if not np.allclose(pred_affine, truth_image.affine, atol=1e-2):
+        log.warning("%s and %s have different affines; comparing voxels", pred_path, truth_path)
+    spacing = tuple(float(z) for z in truth_image.header.get_zooms()[:3])
+    pred, truth = class_masks(pred_labels), class_masks(truth_labels)
+    row = {}
+    for name in DICE_CLASSES:
+        row[f"dice_{name}"] = dice_score(pred[name], truth[name])
+        pooled[name][0] += int(np.logical_and(pred[name], truth[name]).sum())
+        pooled[name][1] += int(pred[name].sum()) + int(truth[name].sum())
+    for short, name in SHAPE_CLASSES.items():
+        row[f"voe_{short}"] = volume_overlap_error(pred[name], truth[name])
+        row[f"rvd_{short}"] = relative_volume_difference(pred[name], truth[name])
+        row[f"assd_{short}"], row[f"hd95_{short}"] = surface_distances(
+            pred[name], truth[name], spacing
+        )
+    detection = lesion_detection(
+        pred["tumor"], truth["tumor"], spacing, min_lesion_mm3, axial_axis(truth_image.affine)
+    )
+    row.update({column: detection[column] for column in DETECTION_COLUMNS})
+    return row, detection
+
+
+def _load_labels(path: Path) -> np.ndarray:
+    """The stored labels of a NIfTI file, in their stored integer dtype (no float64 copy)."""
+    try:
+        labels = np.asarray(nib.load(str(path)).dataobj)
+    except Exception as exc:
+        raise DataError(f"cannot read {path} as NIfTI ({exc}); is it a label volume?") from exc
+    if labels.ndim == 4 and labels.shape[-1] == 1:
+        labels = labels[..., 0]
+    if labels.ndim != 3:
+        raise DataError(f"{path}: expected a 3D label volume, found shape {labels.shape}")
+    low, high = labels.min(), labels.max()
+    whole = labels.dtype.kind in "iub" or np.array_equal(labels, np.round(labels))
+    if low < BACKGROUND or high > TUMOR or not whole:
+        raise DataError(
+            f"{path}: expected label values {BACKGROUND}..{TUMOR} (background, liver, tumor), "
+            f"found values from {low} to {high}"
+            + ("" if whole else " with fractions")
+            + "; is this a label file rather than a CT or probability map?"
+        )
+    return labels
+
+
+def _mean(values) -> float:
+    """Mean over the cases where the metric is defined.
+
+    NaN (class absent from both prediction and truth) is left out; inf (class absent from
+    exactly one, e.g. a tumor entirely missed) is kept, so the mean is inf: a miss is never
+    hidden. NaN when no case defines the metric.
+    """
+    defined = [v for v in values if not math.isnan(v)]
+    return float(np.mean(defined)) if defined else math.nan
+
+
+def _write_csv(path: str | Path, rows: list[dict], mean_row: dict) -> None:
+    columns = ("case_id", *METRIC_COLUMNS, *DETECTION_COLUMNS)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for row in [*rows, mean_row]:
+            writer.writerow({k: _csv_value(row[k]) for k in columns})
+
+
+def _csv_value(value):
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else repr(value)
+    return value
+
+
+def _format_table(rows: list[dict], means: dict, global_dice: dict, detection: dict) -> str:
+    headers = ("case", *METRIC_COLUMNS)
+    body = [[row["case_id"], *(_cell(row[c]) for c in METRIC_COLUMNS)] for row in rows]
+    body.append(["mean", *(_cell(means[c]) for c in METRIC_COLUMNS)])
+    widths = [max(len(str(line[i])) for line in [headers, *body]) for i in range(len(headers))]
+    lines = [
+        "  ".join(str(cell).rjust(width) for cell, width in zip(line, widths))
+        for line in [headers, *body]
+    ]
+    lines.insert(len(rows) + 1, "  ".join("-" * width for width in widths))
+    lines.append("")
+    lines.append(
+        "liver = liver incl. tumor; ASSD and HD95 in mm on the truth's voxel size; HD95 = max of "
+        "the two directed 95th percentiles"
+    )
+    lines.append(
+        "means leave out NaN = class absent from both prediction and truth (Dice, VOE, ASSD, "
+        "HD95) or from the truth (RVD); inf = class absent from exactly one of them (ASSD, "
+        "HD95: e.g. a missed tumor) is kept, so one inf case makes the mean inf"
+    )
+    for column in METRIC_COLUMNS:
+        nan = sum(math.isnan(row[column]) for row in rows)
+        inf = sum(math.isinf(row[column]) for row in rows)
+        if nan or inf:
+            lines.append(f"  {column}: {nan} NaN, {inf} inf of {len(rows)} cases")
+    lines.append(
+        "global Dice (pooled over all voxels of all cases): "
+        + ", ".join(f"{name} {_cell(value)}" for name, value in global_dice.items())
+    )
+    lines.append(f"lesion detection pooled over cases ({DETECTION_RULE}):")
+    lines.append(
+        f"  recall {_cell(detection['recall'])} ({detection['found']}/"
+        f"{detection['true_lesions']} true lesions found), precision "
+        f"{_cell(detection['precision'])} ({detection['true_positive']}/"
+        f"{detection['pred_lesions']} predicted lesions hit), F1 {_cell(detection['f1'])}"
+    )
+    lines.append(
+        "  recall by longest axial diameter: "
+        + ", ".join(
+            f"{name} {_cell(detection['by_size'][name]['recall'])} "
+            f"({detection['by_size'][name]['found']}/{detection['by_size'][name]['total']})"
+            for name in SIZE_CLASSES
+        )
+    )
+    lines.append("RVD = (predicted - true volume) / true volume: positive = over-segmentation")
+    return "\n".join(lines)
+
+
+def _cell(value: float) -> str:
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf"
+    return f"{value:.4f}" if abs(value) < 100 else f"{value:.1f}"

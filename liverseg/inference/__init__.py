@@ -1,0 +1,1 @@
+"""Inference: settings, whole-volume sliding-window prediction, post-processing, many files."""

@@ -1,0 +1,280 @@
+"""``liverseg predict``: segment CT files or folders with a checkpoint and write a report per case.
+
+For each input case ``<id>`` the output folder receives ``<id>_seg.nii.gz`` (uint8 labels in the
+input's shape and affine), ``<id>_report.json`` (:func:`liverseg.evaluation.report.case_report`, with the
+input's HU) and a row of ``summary.csv``. Everything is written to a temporary name first, then
+renamed. One bad input is reported and skipped; the others are still processed.
+
+Inputs in the ``imagesTr``/``imagesTs`` folder of a root holding ``prepare.json`` were written by
+``liverseg prepare`` and are already reduced: they are predicted at their own resolution (zoom 1)
+whether or not ``prepared`` is passed, so they are never reduced twice.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import re
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import nibabel as nib
+import torch
+
+from liverseg.checkpoints import load_model, predict_kwargs
+from liverseg.constants import HIDDEN_PREFIX
+from liverseg.data.cases import case_id_of, natural_key
+from liverseg.data.prepare import RECORD_NAME, load_prepare_record
+from liverseg.evaluation.report import case_report
+from liverseg.inference.volume import predict_volume
+from liverseg.io import atomic_path, read_volume, save_nifti
+
+log = logging.getLogger(__name__)
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+# Folders of a Task03 root searched for inputs, in order.
+TASK03_IMAGE_FOLDERS = ("imagesTs", "imagesTr")
+SUMMARY_NAME = "summary.csv"
+SUMMARY_COLUMNS = ("case_id", "liver_ml", "tumor_ml", "lesions", "seconds", "status", "input")
+
+Failure = tuple[Path, str]
+
+
+def safe_name(case_id: str) -> str:
+    """A file-name stem from a case id: only ``[A-Za-z0-9._-]``, no leading dot, never empty.
+
+    Path separators and other characters become ``_``, so outputs stay inside the output folder.
+    """
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", case_id)
+    if name.startswith("."):
+        name = "_" + name[1:]
+    return name or "case"
+
+
+def _nifti_files(folder: Path) -> list[Path]:
+    files = [
+        p
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(HIDDEN_PREFIX) and p.name.endswith(NIFTI_SUFFIXES)
+    ]
+    return sorted(files, key=lambda p: natural_key(p.name))
+
+
+def collect_inputs(inputs: Iterable[str | Path]) -> tuple[list[Path], list[Failure]]:
+    """The NIfTI files named by ``inputs``.
+
+    A file is taken as is. A folder gives its ``.nii``/``.nii.gz`` files (names starting with
+    ``"."`` ignored); a Task03 root gives those of its ``imagesTs``, else its ``imagesTr``.
+
+    Returns:
+        ``(files, failures)``: failures name inputs that do not exist or hold no NIfTI file.
+    """
+    files: list[Path] = []
+    failures: list[Failure] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_file():
+            files.append(path)
+            continue
+        if not path.is_dir():
+            failures.append((path, "not found; expected a .nii/.nii.gz file or a folder of them"))
+            continue
+        folder = next(
+            (
+                path / sub
+                for sub in TASK03_IMAGE_FOLDERS
+                if (path / sub).is_dir() and _nifti_files(path / sub)
+            ),
+            path,
+        )
+        found = _nifti_files(folder)
+        if not found:
+            failures.append((path, "folder holds no .nii/.nii.gz file (nor imagesTs/, imagesTr/)"))
+        files.extend(found)
+    return files, failures
+
+
+def predict_paths(
+    checkpoint: str | Path,
+    inputs: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    prepared: bool = False,
+    device: str | torch.device = "auto",
+) -> list[Failure]:
+    """Segment every input and write segmentations, reports and ``summary.csv`` to ``out_dir``.
+
+    Args:
+        checkpoint: A checkpoint of ``liverseg train``; model and preprocessing come from it.
+        inputs: NIfTI CT files (HU), folders of them, or Task03 roots (see :func:`collect_inputs`).
+        out_dir: Output folder (created).
+        overwrite: Replace a case's existing outputs; otherwise that case is a failure.
+        prepared: The inputs were reduced by ``liverseg prepare`` (predict at their resolution);
+            otherwise they are originals, reduced by the checkpoint's factor and mapped back.
+            Inputs inside a folder written by ``liverseg prepare`` (see :func:`prepare_record_of`)
+            are predicted at their resolution either way, and a log line says so.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ...
+
+    Returns:
+        ``(input path, message)`` per input that failed; empty when all succeeded.
+
+    Raises:
+        CheckpointError: The checkpoint cannot be used (nothing is predicted).
+    """
+    from tqdm import tqdm
+
+    model, settings = load_model(checkpoint, device)
+    kwargs = predict_kwargs(settings, prepared=prepared)
+    reduced_kwargs = predict_kwargs(settings, prepared=True)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files, failures = collect_inputs(inputs)
+    summary_path = out_dir / SUMMARY_NAME
+    rows = _read_summary(summary_path)
+    claimed: dict[str, Path] = {}
+    for path in tqdm(files, desc="predict", unit="case"):
+        name = safe_name(case_id_of(path))
+        if name in claimed:
+            failures.append(
+                (path, f"its output name {name!r} is taken by {claimed[name]}; rename one of them")
+            )
+            continue
+        claimed[name] = path
+        outputs = (out_dir / f"{name}_seg.nii.gz", out_dir / f"{name}_report.json")
+        existing = [p for p in outputs if p.exists()]
+        if existing and not overwrite:
+            failures.append((path, f"{existing[0]} exists; pass --overwrite to replace it"))
+            rows.setdefault(name, _row(name, path, status="skipped: output exists"))
+            continue
+        start = time.perf_counter()
+        try:
+            case_kwargs = kwargs
+            if not prepared and _already_reduced(path, settings["factor"]):
+                case_kwargs = reduced_kwargs
+            report = predict_case(
+                model, path, name, outputs, case_kwargs, settings["min_tumor_mm3"],
+                provenance=settings["provenance"],
+            )  # fmt: skip
+        except Exception as exc:  # one bad case must not stop the others
+            log.debug("prediction of %s failed", path, exc_info=True)
+            message = str(exc).splitlines()[0] if str(exc) else ""
+            message = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+            failures.append((path, message))
+            rows[name] = _row(name, path, status=f"failed: {message}")
+        else:
+            rows[name] = _row(
+                name,
+                path,
+                liver_ml=f"{report['liver_volume_ml']:.3f}",
+                tumor_ml=f"{report['tumor_burden_ml']:.3f}",
+                lesions=report["lesion_count"],
+                seconds=f"{time.perf_counter() - start:.2f}",
+                status="ok",
+            )
+        _write_summary(summary_path, rows)
+    return failures
+
+
+def prepare_record_of(path: str | Path) -> Path | None:
+    """The ``prepare.json`` of the ``liverseg prepare`` output holding ``path``, or None.
+
+    That is ``<root>/prepare.json`` for ``path`` = ``<root>/imagesTr/<file>`` or
+    ``<root>/imagesTs/<file>``.
+    """
+    folder = Path(path).parent
+    if folder.name not in TASK03_IMAGE_FOLDERS:
+        return None
+    record = folder.parent / RECORD_NAME
+    return record if record.is_file() else None
+
+
+def _already_reduced(path: Path, checkpoint_factor: int) -> bool:
+    """Whether ``path`` was written by ``liverseg prepare`` (then it is predicted at zoom 1).
+
+    Raises:
+        DataError: The folder's ``prepare.json`` cannot be read.
+    """
+    record_path = prepare_record_of(path)
+    if record_path is None:
+        return False
+    factor = load_prepare_record(record_path.parent)["factor"]
+    log.info(
+        "%s lies in a folder written by `liverseg prepare` (%s, factor %s): predicting it at "
+        "its own resolution (zoom 1), not reducing it again",
+        path,
+        record_path,
+        factor,
+    )
+    if factor != checkpoint_factor:
+        log.warning(
+            "%s was reduced by factor %s but the checkpoint was trained on data reduced by %s; "
+            "predict the original scan instead",
+            path,
+            factor,
+            checkpoint_factor,
+        )
+    return True
+
+
+def predict_case(
+    model: torch.nn.Module,
+    path: Path,
+    case_id: str,
+    outputs: tuple[Path, Path],
+    kwargs: dict,
+    min_tumor_mm3: float,
+    provenance: dict | None = None,
+) -> dict:
+    """Predict one CT file and write its segmentation and report; return the report.
+
+    Args:
+        model: The network, on its device.
+        path: The CT (HU).
+        case_id: Name used in the report.
+        outputs: ``(segmentation path, report path)``.
+        kwargs: :func:`liverseg.inference.volume.predict_volume` settings (see ``predict_kwargs``).
+        min_tumor_mm3: Smallest lesion counted in the report.
+        provenance: Which model predicted (checkpoint path, epoch, version); stored in the
+            report as ``model``.
+    """
+    hu, affine = read_volume(path)
+    prediction = predict_volume(model, nib.Nifti1Image(hu, affine), progress=True, **kwargs)
+    report = case_report(
+        prediction.labels, affine, image_hu=hu, min_tumor_mm3=min_tumor_mm3, case_id=case_id
+    )
+    report["input"] = str(path)
+    if provenance is not None:
+        report["model"] = dict(provenance)
+    seg_path, report_path = outputs
+    save_nifti(prediction.labels, affine, seg_path)
+    with atomic_path(report_path) as tmp:
+        tmp.write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _row(case_id: str, path: Path, **values) -> dict:
+    row = dict.fromkeys(SUMMARY_COLUMNS, "")
+    row.update(case_id=case_id, input=str(path), **values)
+    return row
+
+
+def _read_summary(path: Path) -> dict[str, dict]:
+    """Rows of an earlier run's summary by case id, so a second run adds to it."""
+    if not path.is_file():
+        return {}
+    with path.open(newline="") as f:
+        return {
+            row["case_id"]: {c: row.get(c) or "" for c in SUMMARY_COLUMNS}
+            for row in csv.DictReader(f)
+            if row.get("case_id")
+        }
+
+
+def _write_summary(path: Path, rows: dict[str, dict]) -> None:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows[key] for key in sorted(rows, key=natural_key))

@@ -1,0 +1,1 @@
+"""Training: the cached patch pipeline, losses, the loop, and what it checks before it starts."""

@@ -1,0 +1,142 @@
+"""The preprocessing cache: each training case preprocessed once into memory-mapped ``.npy`` files.
+
+Preprocessing (identical to inference's): reorient to canonical RAS, clip to a fixed HU window and
+map it to (-1, 1) (:func:`liverseg.preprocessing.intensity_transform`), then CropOrPad to
+``data.shape`` centred on the liver, so no liver slice is cut. It runs once per case and is cached
+as uncompressed ``.npy`` arrays that the workers memory-map, keyed by the preprocessing settings and
+the source files' size and mtime.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from liverseg.constants import BACKGROUND
+from liverseg.data.cases import Case, label_affine_matches
+from liverseg.errors import DataError
+from liverseg.io import atomic_path, read_volume
+
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CachedCase:
+    """A preprocessed case on disk: arrays in canonical orientation, cropped/padded."""
+
+    case_id: str
+    image: Path  # float16 (W, H, D) in (-1, 1)
+    label: Path  # uint8 (W, H, D)
+    spacing_mm: tuple[float, float, float]
+
+
+def _cache_key(case: Case, settings: dict) -> str:
+    stats = [(p.stat().st_size, p.stat().st_mtime_ns) for p in (case.image, case.label)]
+    text = json.dumps([CACHE_VERSION, settings, stats, str(case.image)], sort_keys=True)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def _liver_centred_window(label: np.ndarray, shape: Sequence[int]) -> list[slice]:
+    """Per-axis crop of ``shape`` centred on the liver, widened where the liver is longer."""
+    foreground = np.nonzero(label)
+    window = []
+    for axis, size in enumerate(shape):
+        n = label.shape[axis]
+        if foreground[axis].size:
+            lo, hi = int(foreground[axis].min()), int(foreground[axis].max()) + 1
+        else:
+            lo, hi = 0, n
+        size = max(size, hi - lo)
+        start = (lo + hi) // 2 - size // 2
+        start = min(max(start, 0), max(n - size, 0))
+        window.append(slice(start, min(start + size, n)))
+    return window
+
+
+def _load_aligned(case: Case, tolerance_mm: float, copy_geometry: bool) -> tuple:
+    """Image (HU, stored dtype) and label as canonical nibabel images sharing the image's affine.
+
+    Both are read as 3D (a trailing singleton 4th axis is dropped), never as float64 copies.
+    """
+    hu, affine = read_volume(case.image)
+    labels, label_affine = read_volume(case.label)
+    if not label_affine_matches(affine, label_affine, tolerance_mm) and not copy_geometry:
+        raise DataError(
+            f"{case.label}: affine differs from its image's by more than {tolerance_mm} mm; "
+            "run `liverseg check` and set data.copy_label_geometry=true to use the image's"
+        )
+    if labels.shape != hu.shape:
+        raise DataError(
+            f"{case.label}: shape {labels.shape} differs from its image's {hu.shape}; "
+            "run `liverseg check`"
+        )
+    image = nib.as_closest_canonical(nib.Nifti1Image(hu, affine))
+    label = nib.as_closest_canonical(nib.Nifti1Image(labels.astype(np.uint8), affine))
+    return image, label
+
+
+def preprocess_case(case: Case, cache_dir: Path, settings: dict) -> CachedCase:
+    """Preprocess one case into the cache (or find it there).
+
+    Args:
+        case: A labelled case.
+        cache_dir: Folder of the cache.
+        settings: ``hu_min``, ``hu_max``, ``shape`` (voxels), ``min_size`` (voxels: the patch
+            size), ``affine_tolerance_mm``, ``copy_label_geometry``.
+
+    Returns:
+        Where the cached arrays are.
+    """
+    stem = cache_dir / f"{case.case_id}-{_cache_key(case, settings)}"
+    image_path, label_path, meta_path = (
+        Path(f"{stem}.{s}") for s in ("image.npy", "label.npy", "json")
+    )
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        return CachedCase(case.case_id, image_path, label_path, tuple(meta["spacing_mm"]))
+    image, label = _load_aligned(
+        case, settings["affine_tolerance_mm"], settings["copy_label_geometry"]
+    )
+    labels = np.asarray(label.dataobj).astype(np.uint8)
+    window = tuple(_liver_centred_window(labels, settings["shape"]))
+    hu = np.asarray(image.dataobj[window], dtype=np.float32)
+    labels = labels[window]
+    lo, hi = settings["hu_min"], settings["hu_max"]
+    scaled = (np.clip(hu, lo, hi) - lo) / (hi - lo) * 2.0 - 1.0
+    target = [max(s, n, settings["min_size"]) for s, n in zip(settings["shape"], labels.shape)]
+    pads = [((t - n) // 2, t - n - (t - n) // 2) for t, n in zip(target, labels.shape)]
+    scaled = np.pad(scaled, pads, constant_values=-1.0).astype(np.float16)
+    labels = np.pad(labels, pads, constant_values=BACKGROUND)
+    spacing = tuple(float(s) for s in image.header.get_zooms()[:3])
+    for path, array in ((image_path, scaled), (label_path, labels)):
+        with atomic_path(path) as tmp:
+            np.save(tmp, array)
+    with atomic_path(meta_path) as tmp:
+        tmp.write_text(json.dumps({"case_id": case.case_id, "spacing_mm": spacing}))
+    return CachedCase(case.case_id, image_path, label_path, spacing)
+
+
+def build_cache(
+    cases: Sequence[Case], cache_dir: Path, settings: dict, workers: int = 0
+) -> list[CachedCase]:
+    """Preprocess every case into ``cache_dir`` in ``workers`` processes, reusing the cache."""
+    from tqdm import tqdm
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    jobs = [(case, cache_dir, settings) for case in cases]
+    bar = dict(total=len(jobs), desc="preprocess", unit="case", leave=False)
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            return list(tqdm(pool.map(_preprocess_job, jobs), **bar))
+    return [preprocess_case(*job) for job in tqdm(jobs, **bar)]
+
+
+def _preprocess_job(job: tuple) -> CachedCase:
+    return preprocess_case(*job)

@@ -1,0 +1,305 @@
+"""Training: ``fit()`` reads top to bottom: data, model, resume, epochs, validation, checkpoints.
+
+The run folder holds the resolved ``config.yaml``, ``split.json``, ``metrics.csv`` (one row per
+epoch), ``curves.png`` and ``checkpoints/{last,best}.pt``. What is checked before training starts
+lives in :mod:`liverseg.training.preflight`, the epoch record in :mod:`liverseg.training.history`, what a
+checkpoint holds in :mod:`liverseg.checkpoints`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+import torchio as tio
+from tqdm import tqdm
+
+from liverseg.checkpoints import (
+    build_model,
+    restore_training_state,
+    save_checkpoint,
+    training_state,
+)
+from liverseg.config import Config, save_config
+from liverseg.constants import CASE_ID, DICE_CLASSES, IMAGE, LABEL
+from liverseg.data.cases import Case
+from liverseg.devices import resolve_device, training_dtype, training_layout
+from liverseg.errors import CheckpointError, TrainingError
+from liverseg.evaluation.metrics import case_dice
+from liverseg.inference.postprocess import Postprocess
+from liverseg.inference.volume import predict_volume
+from liverseg.preprocessing import preprocessing_settings
+from liverseg.training.cache import build_cache
+from liverseg.training.history import metrics_row, plot_curves, read_metrics, write_metrics
+from liverseg.training.loader import PatchSettings, build_loader, load_or_create_split
+from liverseg.training.losses import compute_loss, head_for_loss
+from liverseg.training.lr_schedules import learning_rate
+from liverseg.training.preflight import check_config, find_training_cases, resume_state
+
+log = logging.getLogger(__name__)
+
+
+def train_one_epoch(model, loader, optimizer, scaler, *, epoch, config, device, dtype) -> float:
+    """One pass over the queue; returns the mean finite loss. Non-finite losses skip the step."""
+    model.train()
+    total, count, bad_in_row = 0.0, 0, 0
+    limit = config.train.iterations_per_epoch or len(loader)
+    bar = tqdm(loader, total=limit, desc=f"epoch {epoch}", unit="it", leave=False)
+    layout = training_layout(device, dtype)
+    for iteration, batch in enumerate(bar, start=1):
+        image = batch[IMAGE][tio.DATA].to(device, non_blocking=True, memory_format=layout)
+        label = batch[LABEL][tio.DATA].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
+            logits = model(image)
+        loss = compute_loss(logits, label, config.train.loss)
+        optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            bad_in_row += 1
+            log.warning("epoch %d iteration %d: non-finite loss, step skipped", epoch, iteration)
+            if bad_in_row >= config.train.max_nonfinite:
+                raise TrainingError(
+                    f"{bad_in_row} non-finite losses in a row at epoch {epoch}, iteration "
+                    f"{iteration} (cases in the batch: {', '.join(batch[CASE_ID])}); lower "
+                    "train.lr, check those cases with `liverseg check`, or set train.amp=off"
+                )
+            if iteration >= limit:
+                break
+            continue
+        bad_in_row = 0
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        total, count = total + loss.item(), count + 1
+        bar.set_postfix(loss=f"{total / count:.4f}")
+        if iteration >= limit:
+            break
+    return total / count if count else math.nan
+
+
+def validate(model, cases: list[Case], config: Config, device) -> dict[str, float]:
+    """Predict whole validation volumes with the users' inference routine; mean Dice per class."""
+    scores = {c: [] for c in DICE_CLASSES}
+    inference = config.inference
+    for case in tqdm(cases, desc="validate", unit="case", leave=False):
+        prediction = predict_volume(
+            model,
+            case.image,
+            hu_min=config.data.hu_min,
+            hu_max=config.data.hu_max,
+            head=head_for_loss(config.train.loss),
+            patch_size=config.data.patch_size,
+            overlap=inference.overlap,
+            batch_size=inference.batch_size,
+            blending=inference.blending,
+            device=device,
+            amp=inference.amp,
+            postprocess=Postprocess(
+                inference.keep_largest_liver, inference.tumor_inside_liver, inference.min_tumor_mm3
+            ),
+        )
+        truth = np.asarray(nib.load(str(case.label)).dataobj).astype(np.uint8)
+        for name, value in case_dice(prediction.labels, truth).items():
+            scores[name].append(value)
+        log.info("validation %s: %s", case.case_id, {k: round(v[-1], 4) for k, v in scores.items()})
+    return {
+        name: float(np.nanmean(v)) if np.isfinite(v).any() else math.nan
+        for name, v in scores.items()
+    }
+
+
+def selection_score(scores: dict[str, float]) -> float:
+    """Mean of liver-including-tumor and tumor Dice over those that are finite (NaN if none)."""
+    values = [scores.get(k, math.nan) for k in ("liver_incl_tumor", "tumor")]
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def build_training_loader(
+    config: Config, cases: list[Case], cache_dir: Path, pin_memory: bool = False
+) -> torch.utils.data.DataLoader:
+    """Preprocess ``cases`` into ``cache_dir`` and build the patch loader of ``config.data``."""
+    data = config.data
+    cache_settings = {
+        "hu_min": data.hu_min,
+        "hu_max": data.hu_max,
+        "shape": list(data.shape),
+        "min_size": data.patch_size,
+        "affine_tolerance_mm": data.affine_tolerance_mm,
+        "copy_label_geometry": data.copy_label_geometry,
+    }
+    cached = build_cache(cases, cache_dir, cache_settings, workers=data.num_workers)
+    patches = PatchSettings(
+        data.patch_size, data.label_probabilities, data.samples_per_volume, data.augment,
+        data.scales, data.degrees,
+    )  # fmt: skip
+    return build_loader(
+        cached, patches, queue_length=data.queue_length, batch_size=data.batch_size,
+        num_workers=data.num_workers, seed=config.train.seed, pin_memory=pin_memory,
+    )  # fmt: skip
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_training_state(config: Config, device: torch.device, dtype: torch.dtype | None):
+    """A fresh model (in the training layout), its Adam optimizer and grad scaler on ``device``."""
+    model = build_model(config).to(device)
+    model = model.to(memory_format=training_layout(device, dtype))
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    return model, optimizer, scaler
+
+
+def split_cases(config: Config, run_dir: Path) -> tuple[list[Case], list[Case]]:
+    """The run's training and validation cases: the dataset found and checked, then split.
+
+    The split is written once to ``<run_dir>/split.json`` (or read from ``data.split_file``) and
+    read back on every later run.
+    """
+    cases = find_training_cases(config)
+    by_id = {case.case_id: case for case in cases}
+    split = load_or_create_split(
+        run_dir / "split.json",
+        list(by_id),
+        config.data.num_train,
+        config.data.split_seed,
+        config.data.split_file,
+    )
+    return [by_id[i] for i in split["train"]], [by_id[i] for i in split["val"]]
+
+
+def record_epoch(
+    run_dir: Path, rows: list[dict], state: dict | None, checkpoints: list[Path]
+) -> None:
+    """Leave an epoch on disk: ``metrics.csv``, then its checkpoints, then ``curves.png``.
+
+    ``metrics.csv`` comes before the checkpoints: a kill between the two leaves a row the resumed
+    run drops and redoes (:func:`liverseg.training.history.read_metrics`), never a checkpointed epoch
+    without its row.
+
+    Args:
+        run_dir: The run folder.
+        rows: Every ``metrics.csv`` row so far, this epoch's last.
+        state: The checkpoint's contents (:func:`liverseg.checkpoints.training_state`), or None
+            when the epoch's loss is not finite and nothing is saved.
+        checkpoints: Where ``state`` goes: ``last.pt``, and ``best.pt`` on a new best.
+    """
+    write_metrics(run_dir / "metrics.csv", rows)
+    if state is not None:
+        for path in checkpoints:
+            save_checkpoint(path, **state)
+    plot_curves(rows, run_dir / "curves.png")
+
+
+def fit(config: Config) -> dict:
+    """Train as ``config`` says; resume from ``<run.dir>/checkpoints/last.pt`` when present.
+
+    Returns:
+        ``{"epoch", "best_metric", "metrics": last validation Dice, "run_dir"}``.
+    """
+    check_config(config)
+    run_dir = Path(config.run.dir)
+    last, best = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
+    train_cases, val_cases = split_cases(config, run_dir)
+    checkpoint = resume_state(config, last)
+    save_config(config, run_dir / "config.yaml")
+    seed_everything(config.train.seed)
+
+    device = resolve_device(config.train.device)
+    dtype = training_dtype(config.train.amp, device)
+    model, optimizer, scaler = build_training_state(config, device, dtype)
+    start_epoch, best_metric, rows = 1, -math.inf, []
+    if checkpoint is not None:
+        restore_training_state(checkpoint, model, optimizer, scaler)
+        start_epoch, best_metric = checkpoint["epoch"] + 1, checkpoint["best_metric"]
+        rows = read_metrics(run_dir / "metrics.csv", checkpoint["epoch"])
+        log.info("resuming %s at epoch %d", last, start_epoch)
+
+    cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else run_dir / "cache"
+    loader = build_training_loader(config, train_cases, cache_dir, device.type == "cuda")
+    preprocessing = preprocessing_settings(
+        config.data.hu_min, config.data.hu_max, config.data.factor, head_for_loss(config.train.loss)
+    )
+    scores: dict[str, float] = {}
+    for epoch in tqdm(
+        range(start_epoch, config.train.epochs + 1),
+        desc="epochs",
+        unit="epoch",
+        initial=start_epoch - 1,
+        total=config.train.epochs,
+    ):
+        started = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(
+                config.train.lr, config.train.lr_schedule, epoch, config.train.epochs
+            )
+        loss = train_one_epoch(
+            model, loader, optimizer, scaler, epoch=epoch, config=config, device=device, dtype=dtype
+        )
+        validating = val_cases and (
+            epoch % config.train.val_every == 0 or epoch == config.train.epochs
+        )
+        scores = validate(model, val_cases, config, device) if validating else {}
+        rows.append(metrics_row(epoch, loss, optimizer.param_groups[0]["lr"], scores, started))
+        score = selection_score(scores)
+        improved = math.isfinite(loss) and math.isfinite(score) and score > best_metric
+        best_metric = score if improved else best_metric
+        state = None
+        if math.isfinite(loss):  # NaN is never saved
+            state = training_state(
+                model, optimizer, scaler, epoch, best_metric, config, preprocessing
+            )
+        record_epoch(run_dir, rows, state, [last, best] if improved else [last])
+        log.info(
+            "epoch %d: loss %.4f%s (%.0f s)",
+            epoch,
+            loss,
+            "".join(f", {k} {v:.3f}" for k, v in scores.items()),
+            time.perf_counter() - started,
+        )
+    if config.run.final_predictions and val_cases:
+        # The final model, not best.pt: a best picked on a few validation cases was never
+        # clearly better on 40 other phantoms and once much worse (README, "Choosing").
+        write_final_predictions(run_dir, last, val_cases, config)
+    return {
+        "epoch": config.train.epochs,
+        "best_metric": best_metric,
+        "metrics": scores,
+        "run_dir": run_dir,
+    }
+
+
+def write_final_predictions(run_dir: Path, checkpoint: Path, cases: list[Case], config) -> None:
+    """Predict the validation cases into ``predictions/`` and animate the first one."""
+    from liverseg.inference.batch import predict_paths
+    from liverseg.visualize import animate_files
+
+    out = run_dir / "predictions"
+    failures = predict_paths(
+        checkpoint,
+        [c.image for c in cases],
+        out,
+        overwrite=True,
+        prepared=True,
+        device=config.train.device,
+    )
+    if failures:
+        raise CheckpointError(f"final predictions failed: {failures}")
+    first = cases[0]
+    animate_files(
+        first.image,
+        seg=out / f"{first.case_id}_seg.nii.gz",
+        truth=first.label,
+        out=run_dir / "animation.html",
+    )
+    log.info("validation predictions in %s, animation in %s", out, run_dir / "animation.html")

@@ -1,0 +1,216 @@
+"""The training data pipeline: split, tio.Subject over the cache, patch sets, tio.Queue, loader.
+
+Each case is preprocessed once into a cache of memory-mapped arrays (:mod:`liverseg.training.cache`); the
+DataLoader workers cut each volume's patches (:mod:`liverseg.training.patches`), and a ``tio.Queue`` mixes
+them across volumes into batches.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchio as tio
+
+from liverseg.constants import CASE_ID, IMAGE, LABEL
+from liverseg.errors import DataError
+from liverseg.io import atomic_path
+from liverseg.training.cache import CachedCase
+from liverseg.training.patches import extract_patch, random_affine_matrix, sample_centres
+
+log = logging.getLogger(__name__)
+
+
+def load_or_create_split(
+    path: Path, case_ids: Sequence[str], num_train: int, seed: int, split_file: str | None = None
+) -> dict[str, list[str]]:
+    """The train/validation split: read from ``split_file`` or ``path``, else a seeded shuffle.
+
+    The split is written once to ``path`` and reused on every later run (and on resume), so the
+    validation cases never leak into training.
+
+    Args:
+        path: ``<run dir>/split.json``.
+        case_ids: Every training case id found in the dataset.
+        num_train: Cases for training; the rest validate.
+        seed: Seed of the shuffle.
+        split_file: A split.json to use verbatim instead.
+
+    Returns:
+        ``{"train": [...], "val": [...]}``.
+    """
+    source = Path(split_file) if split_file else path
+    if source.is_file():
+        split = json.loads(source.read_text())
+        unknown = sorted(set(split.get("train", []) + split.get("val", [])) - set(case_ids))
+        if unknown or not split.get("train"):
+            raise DataError(
+                f"{source}: split names cases not in the dataset ({', '.join(unknown[:10])})"
+                " or has no training case; delete it or fix data.root"
+            )
+    else:
+        if not 0 < num_train < len(case_ids):
+            raise DataError(
+                f"data.num_train={num_train} but the dataset holds {len(case_ids)} cases; "
+                f"set data.num_train between 1 and {len(case_ids) - 1}"
+            )
+        shuffled = sorted(case_ids)
+        random.Random(seed).shuffle(shuffled)
+        split = {"train": sorted(shuffled[:num_train]), "val": sorted(shuffled[num_train:])}
+    if source != path or not path.is_file():
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(split, indent=1))
+    return split
+
+
+def build_subject(cached: CachedCase) -> tio.Subject:
+    """A tio.Subject over the memory-mapped cached arrays: nothing is read until a patch is cut.
+
+    Returns:
+        Subject with ``image`` (1, W, H, D) float16 in (-1, 1), ``label`` (1, W, H, D) uint8 and
+        ``case_id``; the affine holds the spacing only (the arrays are canonical).
+    """
+    affine = np.diag([*cached.spacing_mm, 1.0])
+    with warnings.catch_warnings():
+        # The read-only memory map is never written: patches are copied out of it.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        image = torch.from_numpy(np.load(cached.image, mmap_mode="r")[None])
+        label = torch.from_numpy(np.load(cached.label, mmap_mode="r")[None])
+    return tio.Subject(
+        {
+            IMAGE: tio.ScalarImage(tensor=image, affine=affine),
+            LABEL: tio.LabelMap(tensor=label, affine=affine),
+            CASE_ID: cached.case_id,
+        }
+    )
+
+
+@dataclass(frozen=True)
+class PatchSettings:
+    """How patches are drawn: the LabelSampler and RandomAffine settings of the config."""
+
+    patch_size: int
+    probabilities: dict[int, float]
+    samples_per_volume: int
+    augment: bool = True
+    scales: tuple[float, float] = (0.9, 1.1)
+    degrees: tuple[float, float] = (-10.0, 10.0)
+
+
+class PatchSetDataset(tio.SubjectsDataset):
+    """A SubjectsDataset whose item is one volume's patches, cut in the DataLoader worker.
+
+    The item is a Subject whose ``image``/``label`` hold the patches as channels, shape
+    (samples_per_volume, P, P, P); :class:`PackedPatchSampler` hands them to the Queue one by one.
+    Cutting in the DataLoader workers keeps the main process free for the model.
+    """
+
+    def __init__(self, cached: Sequence[CachedCase], settings: PatchSettings, seed: int = 0):
+        super().__init__([build_subject(c) for c in cached])
+        self.settings = settings
+        self.seed = seed
+
+    def __getitem__(self, index: int) -> tio.Subject:
+        subject = self._subjects[index]
+        s = self.settings
+        # Fresh randomness per draw and per worker, drawn from torch's RNG: reproducible from the
+        # seed, and restored with it on resume, so a resumed run does not replay its patches.
+        info = torch.utils.data.get_worker_info()
+        rng = np.random.default_rng(
+            [self.seed, index, int(torch.randint(2**31, ())), info.id if info else 0]
+        )
+        image = subject[IMAGE].data[0].numpy()
+        label = subject[LABEL].data[0].numpy()
+        spacing = subject[IMAGE].spacing
+        centres = sample_centres(label, s.patch_size, s.probabilities, s.samples_per_volume, rng)
+        patches = [
+            extract_patch(
+                image,
+                label,
+                centre,
+                s.patch_size,
+                random_affine_matrix(s.scales, s.degrees, spacing, rng) if s.augment else None,
+            )
+            for centre in centres
+        ]
+        affine = subject[IMAGE].affine
+        return tio.Subject(
+            {
+                IMAGE: tio.ScalarImage(tensor=torch.stack([p[0] for p in patches]), affine=affine),
+                LABEL: tio.LabelMap(tensor=torch.stack([p[1] for p in patches]), affine=affine),
+                CASE_ID: subject[CASE_ID],
+            }
+        )
+
+
+class PackedPatchSampler(tio.data.PatchSampler):
+    """Yields the patches packed as channels by :class:`PatchSetDataset`, one Subject each."""
+
+    def _generate_patches(
+        self, subject: tio.Subject, num_patches: int | None = None
+    ) -> Iterator[tio.Subject]:
+        count = subject[IMAGE].data.shape[0]
+        for i in range(count if num_patches is None else min(num_patches, count)):
+            yield tio.Subject(
+                {
+                    IMAGE: tio.ScalarImage(
+                        tensor=subject[IMAGE].data[i : i + 1], affine=subject[IMAGE].affine
+                    ),
+                    LABEL: tio.LabelMap(
+                        tensor=subject[LABEL].data[i : i + 1], affine=subject[LABEL].affine
+                    ),
+                    CASE_ID: subject[CASE_ID],
+                }
+            )
+
+
+def queue_ram_bytes(settings: PatchSettings, queue_length: int, num_workers: int) -> int:
+    """Estimated RAM of the queue: its patches plus the patch sets in flight (float32 + uint8)."""
+    per_patch = settings.patch_size**3 * (4 + 1)
+    in_flight = max(num_workers, 1) * 2 * settings.samples_per_volume
+    return per_patch * (queue_length + in_flight)
+
+
+def build_loader(
+    cached: Sequence[CachedCase],
+    settings: PatchSettings,
+    *,
+    queue_length: int,
+    batch_size: int,
+    num_workers: int,
+    seed: int = 0,
+    pin_memory: bool = False,
+) -> torch.utils.data.DataLoader:
+    """tio.SubjectsDataset -> LabelSampler-style patches -> tio.Queue -> DataLoader.
+
+    Returns:
+        A DataLoader yielding dicts with ``image`` (B, 1, P, P, P) float32 in (-1, 1),
+        ``label`` (B, 1, P, P, P) uint8 and ``case_id``.
+    """
+    dataset = PatchSetDataset(cached, settings, seed=seed)
+    queue = tio.Queue(
+        dataset,
+        max_length=max(queue_length, settings.samples_per_volume),
+        samples_per_volume=settings.samples_per_volume,
+        sampler=PackedPatchSampler(settings.patch_size),
+        num_workers=num_workers,
+        shuffle_subjects=True,
+        shuffle_patches=True,
+    )
+    log.info(
+        "patch queue: %d patches of %d^3 from %d volumes, about %.0f MB of RAM",
+        queue_length,
+        settings.patch_size,
+        len(cached),
+        queue_ram_bytes(settings, queue_length, num_workers) / 1e6,
+    )
+    return torch.utils.data.DataLoader(
+        queue, batch_size=batch_size, num_workers=0, pin_memory=pin_memory
+    )

@@ -1,0 +1,382 @@
+"""Whole-volume inference: geometry, blending, zoom, post-processing, checkpoints."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torchio as tio
+from torch import nn
+
+from liverseg.checkpoints import load_model, predict_kwargs
+from liverseg.config import Config, DataConfig, ModelConfig, to_dict
+from liverseg.constants import BACKGROUND, LIVER, TUMOR
+from liverseg.devices import _cpu_supports_bf16, uses_channels_last
+from liverseg.errors import CheckpointError, DataError, LiversegError
+from liverseg.inference.postprocess import Postprocess, postprocess_labels
+from liverseg.inference.volume import patch_overlap_voxels, predict_volume
+from liverseg.model import UNet3D
+from liverseg.preprocessing import preprocessing_settings
+
+torch.set_num_threads(1)
+
+# The "CT" of the identity tests is a label map: the window (0, 2) maps BACKGROUND, LIVER, TUMOR
+# to -1, 0, +1, and IdentityModel turns those back into region logits.
+WINDOW = {"hu_min": 0.0, "hu_max": 2.0}
+NO_POST = None
+
+
+class IdentityModel(nn.Module):
+    """Pointwise: liver-region logit > 0 where the scaled value > -0.5, tumor where > 0.5."""
+
+    def __init__(self, size_multiple: int = 1):
+        super().__init__()
+        self.conv = nn.Conv3d(1, 2, kernel_size=1)
+        with torch.no_grad():
+            self.conv.weight.fill_(20.0)
+            self.conv.bias.copy_(torch.tensor([10.0, -10.0]))
+        self.size_multiple = size_multiple
+
+    def forward(self, x):
+        assert x.shape[1] == 1 and x.ndim == 5
+        return self.conv(x)
+
+
+class DirectionalModel(nn.Module):
+    """Liver where the value rises along canonical axis 0: depends on the orientation it sees."""
+
+    size_multiple = 1
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(1, 2, kernel_size=3, padding=1, bias=False)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.weight[0, 0, 2, 1, 1] = 10.0
+            self.conv.weight[0, 0, 0, 1, 1] = -10.0
+            self.conv.weight[1, 0, 1, 1, 1] = -10.0
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def random_labels(shape, seed=0):
+    return np.random.default_rng(seed).integers(0, 3, size=shape).astype(np.uint8)
+
+
+def as_image(array, affine=None):
+    affine = np.eye(4) if affine is None else affine
+    return tio.ScalarImage(tensor=torch.from_numpy(array.astype(np.int16))[None], affine=affine)
+
+
+def oblique_affine():
+    angle = np.deg2rad(20)
+    rotation = np.array(
+        [[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]]
+    )
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag([0.8, 0.9, 2.5])
+    affine[:3, 3] = [-30.0, 12.0, 7.5]
+    return affine
+
+
+def dice(a, b):
+    return 2 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+
+
+@pytest.mark.parametrize("blending", ["hann", "average"])
+@pytest.mark.parametrize("shape", [(37, 29, 23), (10, 7, 5), (16, 16, 16), (17, 40, 9)])
+def test_identity_model_returns_its_input(shape, blending):
+    labels = random_labels(shape)
+    prediction = predict_volume(
+        IdentityModel(), as_image(labels), **WINDOW, patch_size=16, overlap=0.5,
+        batch_size=3, blending=blending, postprocess=NO_POST, amp="off",
+    )  # fmt: skip
+    assert prediction.labels.dtype == np.uint8
+    assert prediction.labels.shape == shape
+    np.testing.assert_array_equal(prediction.labels, labels)
+
+
+@pytest.mark.parametrize(
+    "affine",
+    [
+        np.diag([0.7, 0.8, 2.0, 1.0]),
+        np.array([[-0.7, 0, 0, 90.0], [0, -0.8, 0, 110.0], [0, 0, 2.0, -40.0], [0, 0, 0, 1]]),
+        oblique_affine(),
+    ],
+    ids=["RAS", "LPS", "oblique"],
+)
+def test_output_keeps_input_geometry(affine, tmp_path):
+    import nibabel as nib
+
+    labels = random_labels((21, 18, 11), seed=1)
+    path = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(labels.astype(np.int16), affine), str(path))
+    prediction = predict_volume(
+        IdentityModel(), path, **WINDOW, patch_size=16, postprocess=NO_POST, amp="off"
+    )
+    assert prediction.labels.shape == labels.shape
+    np.testing.assert_array_equal(prediction.affine, nib.load(str(path)).affine)
+    np.testing.assert_array_equal(prediction.labels, labels)
+
+
+def test_model_sees_canonical_orientation():
+    rng = np.random.default_rng(2)
+    world = rng.integers(0, 3, size=(20, 19, 9)).astype(np.int16)
+    ras = np.diag([1.0, 1.0, 2.0, 1.0])
+    # The same voxels stored left-right and anterior-posterior flipped (LPS).
+    lps = ras.copy()
+    lps[0, 0], lps[1, 1] = -1.0, -1.0
+    lps[:3, 3] = [19.0, 18.0, 0.0]
+    stored_lps = world[::-1, ::-1].copy()
+    kwargs = dict(**WINDOW, patch_size=16, postprocess=NO_POST, amp="off")
+    from_ras = predict_volume(DirectionalModel(), as_image(world, ras), **kwargs).labels
+    from_lps = predict_volume(DirectionalModel(), as_image(stored_lps, lps), **kwargs).labels
+    assert set(np.unique(from_ras)) >= {BACKGROUND, LIVER}
+    np.testing.assert_array_equal(from_lps[::-1, ::-1], from_ras)
+    # Ignoring the orientation would give another answer: the test can fail.
+    assert not np.array_equal(from_lps, from_ras)
+
+
+@pytest.mark.parametrize("shape", [(40, 36, 30), (41, 37, 29)])
+def test_zoom_round_trip_keeps_a_blob(shape):
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"))
+    centre = np.array(shape)[:, None, None, None] / 2
+    mask = ((grid - centre) ** 2).sum(0) < 10**2
+    volume = np.where(mask, LIVER, BACKGROUND).astype(np.uint8)
+    prediction = predict_volume(
+        IdentityModel(), as_image(volume, np.diag([0.8, 0.8, 1.5, 1])), **WINDOW,
+        patch_size=16, zoom=2, postprocess=NO_POST, amp="off", keep_probabilities=True,
+    )  # fmt: skip
+    assert prediction.labels.shape == shape
+    assert prediction.probabilities.shape == (2, *shape)
+    assert dice(prediction.labels == LIVER, mask) > 0.9
+
+
+def test_patch_size_must_fit_the_model():
+    with pytest.raises(LiversegError, match="multiple of the model's size multiple 8"):
+        predict_volume(IdentityModel(size_multiple=8), as_image(random_labels((8, 8, 8))),
+                       **WINDOW, patch_size=12)  # fmt: skip
+
+
+def test_settings_are_checked():
+    image = as_image(random_labels((8, 8, 8)))
+    for bad in [dict(overlap=1.0), dict(blending="gaussian"), dict(amp="fp8"), dict(zoom=0)]:
+        with pytest.raises(LiversegError):
+            predict_volume(IdentityModel(), image, **WINDOW, patch_size=8, **bad)
+
+
+def test_bad_input_file_is_a_data_error(tmp_path):
+    junk = tmp_path / "._liver_1.nii.gz"
+    junk.write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    with pytest.raises(DataError, match="_liver_1"):
+        predict_volume(IdentityModel(), junk, **WINDOW, patch_size=8)
+    with pytest.raises(DataError, match="not found"):
+        predict_volume(IdentityModel(), tmp_path / "absent.nii.gz", **WINDOW, patch_size=8)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_model_mode_is_restored(training):
+    model = IdentityModel().train(training)
+    predict_volume(model, as_image(random_labels((9, 9, 9))), **WINDOW, patch_size=8)
+    assert model.training is training
+
+
+def structured_ct(shape=(24, 24, 24), seed=0):
+    """-200 HU body, a 60 HU ball of radius 9 and a 180 HU core of radius 3, 10 HU noise."""
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"))
+    radius2 = ((grid - np.array(shape)[:, None, None, None] / 2) ** 2).sum(0)
+    ct = np.full(shape, -200.0)
+    ct[radius2 < 9**2] = 60.0
+    ct[radius2 < 3**2] = 180.0
+    return ct + np.random.default_rng(seed).normal(0, 10, shape)
+
+
+@pytest.mark.skipif(not _cpu_supports_bf16(), reason="this CPU has no bf16 support")
+def test_bf16_autocast_gives_the_same_labels_as_fp32():
+    torch.manual_seed(3)
+    model = UNet3D(1, 2, features=(16, 32))
+    image = as_image(structured_ct())
+    kwargs = dict(hu_min=-150, hu_max=250, patch_size=16, postprocess=NO_POST, device="cpu")
+    exact = predict_volume(model, image, amp="off", **kwargs).labels
+    fast = predict_volume(model, image, amp="bf16", **kwargs).labels
+    for label in (LIVER, TUMOR):
+        assert (exact == label).sum() > 500  # both classes present: the Dice means something
+        assert dice(fast == label, exact == label) >= 0.99
+
+
+def test_overlap_is_an_even_voxel_count():
+    assert patch_overlap_voxels(96, 0.5) == 48
+    assert patch_overlap_voxels(16, 0.3) == 4
+    assert patch_overlap_voxels(16, 0.99) == 14
+    assert patch_overlap_voxels(16, 0.0) == 0
+
+
+# --- post-processing ---------------------------------------------------------------------------
+
+
+def scene():
+    """Big liver with a big and a one-voxel tumor, a liver island, and tumor outside the liver."""
+    labels = np.zeros((30, 30, 12), dtype=np.uint8)
+    labels[2:20, 2:20, 2:10] = LIVER
+    labels[5:8, 5:8, 4:7] = TUMOR  # 27 voxels
+    labels[15, 15, 5] = TUMOR  # 1 voxel
+    labels[24:27, 24:27, 2:5] = LIVER  # island
+    labels[24:27, 2:5, 6:9] = TUMOR  # tumor outside the liver, 27 voxels
+    return labels
+
+
+def test_postprocess_all_off_changes_nothing():
+    labels = scene()
+    off = Postprocess(keep_largest_liver=False, tumor_inside_liver=False, min_tumor_mm3=0.0)
+    np.testing.assert_array_equal(postprocess_labels(labels, (1, 1, 1), off), labels)
+
+
+def test_keep_largest_liver():
+    labels = scene()
+    only = Postprocess(keep_largest_liver=True, tumor_inside_liver=False, min_tumor_mm3=0.0)
+    out = postprocess_labels(labels, (1, 1, 1), only)
+    expected = labels.copy()
+    expected[24:27, 24:27, 2:5] = BACKGROUND
+    expected[24:27, 2:5, 6:9] = BACKGROUND
+    np.testing.assert_array_equal(out, expected)
+    assert labels[24, 24, 2] == LIVER  # the input is not modified
+
+
+def test_tumor_inside_liver():
+    labels = scene()
+    only = Postprocess(keep_largest_liver=False, tumor_inside_liver=True, min_tumor_mm3=0.0)
+    out = postprocess_labels(labels, (1, 1, 1), only)
+    expected = labels.copy()
+    expected[24:27, 2:5, 6:9] = BACKGROUND
+    np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize("spacing, one_voxel_kept", [((1, 1, 1), False), ((3, 3, 3), True)])
+def test_min_tumor_volume_uses_spacing(spacing, one_voxel_kept):
+    labels = scene()
+    only = Postprocess(keep_largest_liver=False, tumor_inside_liver=False, min_tumor_mm3=10.0)
+    out = postprocess_labels(labels, spacing, only)
+    assert out[15, 15, 5] == (TUMOR if one_voxel_kept else LIVER)
+    assert (out[5:8, 5:8, 4:7] == TUMOR).all()
+    assert (out[24:27, 2:5, 6:9] == TUMOR).all()
+
+
+def test_predict_volume_applies_postprocessing():
+    labels = scene()
+    prediction = predict_volume(IdentityModel(), as_image(labels), **WINDOW, patch_size=16)
+    np.testing.assert_array_equal(
+        prediction.labels, postprocess_labels(labels, (1, 1, 1), Postprocess())
+    )
+    assert not np.array_equal(prediction.labels, labels)
+
+
+def test_postprocess_empty_volume():
+    empty = np.zeros((5, 5, 5), dtype=np.uint8)
+    np.testing.assert_array_equal(postprocess_labels(empty, (1, 1, 1), Postprocess()), empty)
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+
+
+def tiny_config():
+    return Config(data=DataConfig(patch_size=16), model=ModelConfig(features=(4, 8)))
+
+
+def save_tiny_checkpoint(path, config=None, model=None):
+    config = config or tiny_config()
+    model = model or UNet3D(1, 2, features=config.model.features)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": {},
+            "epoch": 3,
+            "best_metric": 0.5,
+            "config": to_dict(config),
+            "preprocessing": preprocessing_settings(-150, 250, 2, "regions"),
+            "version": "0.1.0",
+        },
+        path,
+    )
+    return model
+
+
+def test_load_model_rebuilds_model_and_settings(tmp_path):
+    original = save_tiny_checkpoint(tmp_path / "best.pt")
+    model, settings = load_model(tmp_path / "best.pt", device="cpu")
+    assert not model.training
+    assert model.features == (4, 8)
+    for key, value in original.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value)
+    assert settings["patch_size"] == 16 and settings["factor"] == 2
+    assert settings["head"] == "regions" and settings["overlap"] == 0.5
+    kwargs = predict_kwargs(settings)
+    assert kwargs["zoom"] == 2 and predict_kwargs(settings, prepared=True)["zoom"] == 1
+    assert kwargs["postprocess"] == Postprocess()
+
+
+def test_load_model_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="absent.pt"):
+        load_model(tmp_path / "absent.pt")
+    corrupted = tmp_path / "corrupted.pt"
+    corrupted.write_bytes(np.random.default_rng(0).bytes(2000))
+    with pytest.raises(CheckpointError, match="corrupted.pt"):
+        load_model(corrupted)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}, "epoch": 1}, foreign)
+    with pytest.raises(CheckpointError, match="not a liverseg checkpoint.*config"):
+        load_model(foreign)
+    mismatched = tmp_path / "mismatched.pt"
+    save_tiny_checkpoint(mismatched, model=UNet3D(1, 2, features=(4, 8, 16)))
+    with pytest.raises(CheckpointError, match="mismatched.pt.*do not fit"):
+        load_model(mismatched)
+
+
+def test_real_ct_with_tiny_random_model(real_ct):
+    import nibabel as nib
+
+    image, _ = real_ct
+    torch.manual_seed(0)
+    model = UNet3D(1, 2, features=(4, 8))
+    prediction = predict_volume(model, image, hu_min=-150, hu_max=250, patch_size=32, zoom=2)
+    stored = nib.load(str(image))
+    assert prediction.labels.shape == stored.shape
+    np.testing.assert_array_equal(prediction.affine, stored.affine)
+    assert set(np.unique(prediction.labels)) <= {BACKGROUND, LIVER, TUMOR}
+
+
+def test_fast_path_uses_channels_last_and_leaves_the_model_as_it_was():
+    torch.manual_seed(0)
+    model = UNet3D(1, 2, features=(4, 8)).train()
+    before = {k: (v.clone(), v.stride()) for k, v in model.state_dict().items()}
+    parameters = list(model.parameters())
+    # A conv with in_channels > 1: its weight is not channels-last unless converted.
+    deep = next(m for m in model.modules() if isinstance(m, nn.Conv3d) and m.in_channels > 1)
+    seen = []
+    deep.register_forward_hook(
+        lambda module, inputs, output: seen.append(
+            module.weight.is_contiguous(memory_format=torch.channels_last_3d)
+        )
+    )
+    image = as_image(np.random.default_rng(0).normal(50, 80, (12, 10, 9)))
+    predict_volume(model, image, hu_min=-150, hu_max=250, patch_size=8, amp="bf16")
+    assert seen and all(seen)
+    assert model.training
+    assert all(a is b for a, b in zip(model.parameters(), parameters, strict=True))
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[key][0], rtol=0, atol=0)
+        assert value.stride() == before[key][1], key
+        assert value.is_contiguous()
+    # On CPU fp32 runs channels-last too (faster there); the model is again left as it was.
+    seen.clear()
+    predict_volume(model, image, hu_min=-150, hu_max=250, patch_size=8, amp="off")
+    assert seen and all(seen)
+    for key, value in model.state_dict().items():
+        assert value.stride() == before[key][1], key
+
+
+def test_channels_last_choice():
+    assert uses_channels_last(torch.device("cpu"), None)
+    assert uses_channels_last(torch.device("cpu"), torch.bfloat16)
+    assert uses_channels_last(torch.device("cuda"), torch.float16)
+    assert not uses_channels_last(torch.device("cuda"), None)
