@@ -2,9 +2,9 @@
 
 Plain (as the seed describes it): every volume read from ``.nii.gz``, ToCanonical, HU window,
 CropOrPad to the training shape, whole-volume ``RandomAffine``, ``tio.LabelSampler``,
-``tio.Queue``. Ours: :mod:`liverseg.training.loader` (preprocessed once into memory-mapped ``.npy`` by
-:mod:`liverseg.training.cache`; label-probability centres and augmentation of a patch with a margin by
-:mod:`liverseg.training.patches`, cut in the workers).
+``tio.Queue``. Ours: :mod:`liverseg.training.loader` (preprocessed once into memory-mapped
+``.npy`` by :mod:`liverseg.training.cache`; label-probability centres and augmentation of a patch
+with a margin by :mod:`liverseg.training.patches`, cut in the workers).
 Same phantoms, same patch size, probabilities, samples per volume, workers and batch, in one run;
 each pipeline runs in its own process so its peak RAM (process tree, sampled) is its own.
 

@@ -12,16 +12,17 @@ Run: ``python benchmarks/inference.py`` (minutes on 2 CPU cores; ``--quick`` for
      windowed tensor, then the same decoding (``losses.to_probabilities``/``to_labels``);
    - ``liverseg fp32``: ``predict_volume(amp="off")`` from the HU image (windowing, reorientation,
      blending, decoding and post-processing all included);
-   - ``liverseg default``: ``predict_volume()`` with its defaults (``amp="auto"``: bf16 autocast
-     and channels-last where the CPU supports bf16).
-   Dice agreement of the default path's labels with the fp32 path's (liver incl. tumor, tumor).
+   - ``liverseg bf16``: ``predict_volume(amp="bf16")``: bf16 autocast, channels-last 3D on CPU;
+     what ``inference.amp: bf16`` in ``configs/demo.yaml`` selects. (The default ``amp="auto"``
+     is fp32 on CPU: the ``liverseg fp32`` path.)
+   Dice agreement of the bf16 path's labels with the fp32 path's (liver incl. tumor, tumor).
 3. With ``--checkpoint CKPT IMAGE [IMAGE ...]`` (e.g. the demo's ``best.pt`` and its validation
-   phantoms, a model that really finds tumors): Dice agreement of the default path's labels with
-   the fp32 path's for liver and tumor on each image, with that checkpoint's settings
+   phantoms, a model that really finds tumors): Dice agreement of the bf16 path's labels with
+   the fp32 path's for liver and tumor on each image, with that checkpoint's other settings
    (``--agreement-only``: just this table).
 4. Peak resident memory (``VmHWM`` of a fresh subprocess) for a ``512 x 512 x 500`` int16
-   NIfTI (``--quick``: ``256 x 256 x 128``) predicted as ``liverseg predict`` would: from the
-   file, zoom 2.
+   NIfTI (``--quick``: ``256 x 256 x 128``) predicted on the bf16 path as ``liverseg predict``
+   would with the demo's checkpoint: from the file, zoom 2.
 
 Ratios are printed last.
 """
@@ -45,15 +46,16 @@ from monai.inferers import sliding_window_inference
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-from liverseg.checkpoints import load_model, predict_kwargs
+from liverseg.checkpoints import load_model
 from liverseg.constants import LIVER, TUMOR
-from liverseg.devices import autocast_dtype
 from liverseg.inference.postprocess import Postprocess, postprocess_labels
+from liverseg.inference.settings import InferenceSettings
 from liverseg.inference.volume import predict_volume
+from liverseg.labels import to_labels, to_probabilities
 from liverseg.model import UNet3D
 from liverseg.phantoms import generate_case
-from liverseg.preprocessing import intensity_transform
-from liverseg.training.losses import compute_loss, to_labels, to_probabilities
+from liverseg.preprocessing import scale_hu
+from liverseg.training.losses import compute_loss
 
 HU_MIN, HU_MAX = -150.0, 250.0
 FIT_PATCH = 48
@@ -91,7 +93,7 @@ def fit_briefly(model: UNet3D, image: np.ndarray, label: np.ndarray, steps: int,
 
 def monai_labels(model, image: tio.ScalarImage, patch: int, overlap: float, batch: int):
     """MONAI's sliding window in fp32 on the windowed tensor, decoded like liverseg's."""
-    windowed = intensity_transform(HU_MIN, HU_MAX)(image).data[None].float()
+    windowed = torch.from_numpy(scale_hu(image.data[0].numpy(), HU_MIN, HU_MAX))[None, None]
     with torch.inference_mode():
         logits = sliding_window_inference(
             windowed, (patch,) * 3, batch, model, overlap=overlap, mode="gaussian"
@@ -129,14 +131,15 @@ def peak_rss_mib() -> float:
 
 
 def ram_child(path: str, patch: int, threads: int) -> None:
-    """Subprocess: predict a NIfTI file as ``liverseg predict`` would; print peak RSS as JSON."""
+    """Subprocess: predict a NIfTI file as ``liverseg predict`` would, in bf16; print peak RSS."""
     torch.set_num_threads(threads)
     model = UNet3D(1, 2)
     baseline = peak_rss_mib()
     start = time.perf_counter()
-    prediction = predict_volume(
-        model, path, hu_min=HU_MIN, hu_max=HU_MAX, patch_size=patch, zoom=2, batch_size=2
+    settings = InferenceSettings(
+        hu_min=HU_MIN, hu_max=HU_MAX, patch_size=patch, factor=2, batch_size=2, amp="bf16"
     )
+    prediction = predict_volume(model, path, settings)
     seconds = time.perf_counter() - start
     peak = peak_rss_mib()
     print(
@@ -165,20 +168,19 @@ def measure_ram(shape: tuple[int, int, int], patch: int, threads: int) -> dict:
 
 
 def checkpoint_agreement(checkpoint: str, images: list[str]) -> list[tuple[str, float, float]]:
-    """Per image: Dice of the default path's labels against fp32's (liver incl. tumor, tumor)."""
+    """Per image: Dice of the bf16 path's labels against fp32's (liver incl. tumor, tumor)."""
     model, settings = load_model(checkpoint, device="cpu")
-    kwargs = predict_kwargs(settings, prepared=True)
     rows = []
     for path in images:
-        fast = predict_volume(model, path, **{**kwargs, "amp": "auto"}).labels
-        fp32 = predict_volume(model, path, **{**kwargs, "amp": "off"}).labels
+        fast = predict_volume(model, path, settings.replace(amp="bf16"), prepared=True).labels
+        fp32 = predict_volume(model, path, settings.replace(amp="off"), prepared=True).labels
         rows.append((Path(path).name, dice(fast > 0, fp32 > 0), dice(fast == TUMOR, fp32 == TUMOR)))
     return rows
 
 
 def print_agreement(checkpoint_and_images: list[str]) -> None:
     checkpoint, images = checkpoint_and_images[0], checkpoint_and_images[1:]
-    print(f"default vs fp32 labels of {checkpoint}:")
+    print(f"bf16 vs fp32 labels of {checkpoint}:")
     print(f"{'image':<28}{'liver incl. tumor':>18}{'tumor':>8}")
     for name, liver, tumor in checkpoint_agreement(checkpoint, images):
         print(f"{name:<28}{liver:>18.4f}{tumor:>8.4f}")
@@ -193,7 +195,7 @@ def main() -> None:
     parser.add_argument("--skip-ram", action="store_true")
     parser.add_argument(
         "--checkpoint", nargs="+", default=None, metavar=("CKPT", "IMAGE"),
-        help="also compare default vs fp32 labels of this checkpoint on these (prepared) images",
+        help="also compare bf16 vs fp32 labels of this checkpoint on these (prepared) images",
     )  # fmt: skip
     parser.add_argument(
         "--agreement-only", action="store_true", help="only the --checkpoint agreement table"
@@ -220,18 +222,19 @@ def main() -> None:
     model = UNet3D(1, 2, features=(32, 64, 128, 256))
     loss, fit_seconds = timed(lambda: fit_briefly(model, hu, label, steps))
     image = tio.ScalarImage(tensor=torch.from_numpy(hu)[None], affine=affine)
-    kwargs = dict(hu_min=HU_MIN, hu_max=HU_MAX, patch_size=patch, overlap=overlap, batch_size=batch)
+    settings = InferenceSettings(
+        hu_min=HU_MIN, hu_max=HU_MAX, patch_size=patch, overlap=overlap, batch_size=batch
+    )
     # Warm-up (oneDNN kernel selection) on one patch for each path.
     warm = tio.ScalarImage(tensor=torch.from_numpy(hu[:patch, :patch, :patch].copy())[None])
-    for amp in ("off", "auto"):
-        predict_volume(model, warm, **{**kwargs, "amp": amp})
+    for amp in ("off", "bf16"):
+        predict_volume(model, warm, settings.replace(amp=amp))
 
     reference, monai_seconds = timed(lambda: monai_labels(model, image, patch, overlap, batch))
-    fp32, fp32_seconds = timed(lambda: predict_volume(model, image, amp="off", **kwargs))
-    fast, fast_seconds = timed(lambda: predict_volume(model, image, **kwargs))
+    fp32, fp32_seconds = timed(lambda: predict_volume(model, image, settings.replace(amp="off")))
+    fast, fast_seconds = timed(lambda: predict_volume(model, image, settings.replace(amp="bf16")))
     reference = postprocess_labels(reference, voxel_sizes(affine), Postprocess())
 
-    fast_dtype = autocast_dtype("auto", torch.device("cpu"))
     print(
         f"volume {shape}, patch {patch}, overlap {overlap}, batch {batch}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}"
@@ -242,17 +245,17 @@ def main() -> None:
         f"{(fp32.labels > 0).mean():.2%} of voxels (truth {(label > 0).mean():.2%}), "
         f"tumor {(fp32.labels == TUMOR).mean():.3%}"
     )
-    print(f"liverseg default amp='auto' -> {fast_dtype}; channels-last 3D on CPU")
+    print("liverseg bf16 path: amp='bf16' -> torch.bfloat16 autocast; channels-last 3D on CPU")
     print()
     print(f"{'path':<40}{'seconds':>10}")
     print(f"{'monai sliding_window fp32 (gaussian)':<40}{monai_seconds:>10.1f}")
     print(f"{'liverseg predict_volume fp32':<40}{fp32_seconds:>10.1f}")
-    print(f"{'liverseg predict_volume default':<40}{fast_seconds:>10.1f}")
+    print(f"{'liverseg predict_volume bf16':<40}{fast_seconds:>10.1f}")
     if not args.skip_ram:
         ram = measure_ram(ram_shape, patch, args.threads)
         print()
         print(
-            f"peak RSS, {ram_shape} int16 NIfTI, zoom 2, default path: {ram['peak_mib']:.0f} MiB "
+            f"peak RSS, {ram_shape} int16 NIfTI, zoom 2, bf16 path: {ram['peak_mib']:.0f} MiB "
             f"(after imports + model: {ram['baseline_mib']:.0f} MiB; "
             f"input file {np.prod(ram_shape) * 2 / 2**20:.0f} MiB; {ram['seconds']:.0f} s)"
         )
@@ -260,9 +263,7 @@ def main() -> None:
     tumor_agree = dice(fast.labels == TUMOR, fp32.labels == TUMOR)
     monai_agree = dice(reference > 0, fp32.labels > 0)
     print()
-    print(
-        f"Dice default vs fp32 labels: liver incl. tumor {liver_agree:.4f}, tumor {tumor_agree:.4f}"
-    )
+    print(f"Dice bf16 vs fp32 labels: liver incl. tumor {liver_agree:.4f}, tumor {tumor_agree:.4f}")
     print(
         f"Dice liverseg fp32 vs monai (both post-processed), liver incl. tumor: {monai_agree:.4f}"
     )
@@ -270,8 +271,8 @@ def main() -> None:
         print()
         print_agreement(args.checkpoint)
     print()
-    print(f"speed-up default vs monai fp32: {monai_seconds / fast_seconds:.2f}x")
-    print(f"speed-up default vs liverseg fp32: {fp32_seconds / fast_seconds:.2f}x")
+    print(f"speed-up bf16 vs monai fp32: {monai_seconds / fast_seconds:.2f}x")
+    print(f"speed-up bf16 vs liverseg fp32: {fp32_seconds / fast_seconds:.2f}x")
     assert set(np.unique(fast.labels)) <= {0, LIVER, TUMOR}
 
 

@@ -14,8 +14,8 @@ import logging
 import time
 
 from liverseg.config import load_config
+from liverseg.constants import LOSSES
 from liverseg.training.fit import fit
-from liverseg.training.losses import LOSSES
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ from liverseg.checkpoints import build_model
 from liverseg.config import load_config
 from liverseg.constants import IMAGE, LABEL
 from liverseg.data.cases import find_cases
-from liverseg.devices import resolve_device, training_dtype
+from liverseg.devices import autocast_dtype, resolve_device
 from liverseg.phantoms import write_dataset
 from liverseg.training.fit import build_training_loader
 from liverseg.training.losses import compute_loss
@@ -45,7 +45,7 @@ def main() -> None:
     args = parser.parse_args()
     config = load_config(args.config, tuple(args.overrides))
     device = resolve_device(config.train.device)
-    dtype = training_dtype(config.train.amp, device)
+    dtype = autocast_dtype(config.train.amp, device)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "phantoms"
         write_dataset(root, cases=args.cases, shape=tuple(args.shape), seed=0, test_cases=0)

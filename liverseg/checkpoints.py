@@ -19,11 +19,12 @@ import torch
 from liverseg import __version__
 from liverseg.config import Config, from_dict, to_dict
 from liverseg.devices import resolve_device
-from liverseg.errors import CheckpointError, ConfigError
+from liverseg.errors import CheckpointError, ConfigError, LiversegError
 from liverseg.inference.postprocess import Postprocess
+from liverseg.inference.settings import InferenceSettings
 from liverseg.io import atomic_path
+from liverseg.labels import head_for_loss, out_channels
 from liverseg.model import UNet3D
-from liverseg.training.losses import head_for_loss, out_channels
 
 log = logging.getLogger(__name__)
 
@@ -130,20 +131,65 @@ def build_model(config: Config, head: str | None = None) -> UNet3D:
     )
 
 
-def load_model(checkpoint: str | Path, device: str | torch.device = "auto") -> tuple[UNet3D, dict]:
-    """Rebuild the model and its settings from a checkpoint alone.
+def preprocessing_record(hu_min: float, hu_max: float, factor: int, head: str) -> dict:
+    """The plain dict a checkpoint carries so inference can rebuild preprocessing alone.
+
+    Args:
+        hu_min: Lower end of the HU window.
+        hu_max: Upper end of the HU window.
+        factor: Reduction of the training data relative to the original scans (1: none).
+        head: Output decoding, ``"regions"`` or ``"softmax"`` (:mod:`liverseg.labels`).
+    """
+    return {"hu_min": float(hu_min), "hu_max": float(hu_max), "factor": int(factor), "head": head}
+
+
+def inference_settings(
+    config: Config, preprocessing: dict, provenance: dict | None = None
+) -> InferenceSettings:
+    """THE mapping of a run's config and preprocessing record to inference settings.
+
+    Training's validation and :func:`load_model` both call it, so the settings a run validated
+    with are the ones ``liverseg predict`` uses.
+
+    Args:
+        config: The run's config (its ``inference`` section and ``data.patch_size``).
+        preprocessing: :func:`preprocessing_record`'s dict (HU window, factor, head).
+        provenance: Which checkpoint (path, epoch, version), recorded in reports.
+    """
+    inference = config.inference
+    return InferenceSettings(
+        hu_min=float(preprocessing["hu_min"]),
+        hu_max=float(preprocessing["hu_max"]),
+        head=str(preprocessing["head"]),
+        factor=int(preprocessing["factor"]),
+        patch_size=int(config.data.patch_size),
+        overlap=inference.overlap,
+        batch_size=inference.batch_size,
+        blending=inference.blending,
+        amp=inference.amp,
+        postprocess=Postprocess(
+            keep_largest_liver=inference.keep_largest_liver,
+            tumor_inside_liver=inference.tumor_inside_liver,
+            min_tumor_mm3=inference.min_tumor_mm3,
+        ),
+        provenance=provenance,
+    )
+
+
+def load_model(
+    checkpoint: str | Path, device: str | torch.device = "auto"
+) -> tuple[UNet3D, InferenceSettings]:
+    """Rebuild the model and its inference settings from a checkpoint alone.
 
     Args:
         checkpoint: A ``.pt`` file written by ``liverseg train``.
         device: Where to put the model (see :func:`liverseg.devices.resolve_device`).
 
     Returns:
-        The model in eval mode, and the settings: ``hu_min``, ``hu_max``, ``factor``, ``head``
-        (the checkpoint's preprocessing), ``patch_size``, and the inference section
-        (``overlap``, ``batch_size``, ``blending``, ``amp``, ``keep_largest_liver``,
-        ``tumor_inside_liver``, ``min_tumor_mm3``). :func:`predict_kwargs` turns them into
-        :func:`liverseg.inference.volume.predict_volume` arguments. ``provenance`` says which model
-        this is: ``checkpoint`` (its path), ``epoch`` and the ``liverseg_version`` that trained it.
+        The model in eval mode, and its :class:`~liverseg.inference.settings.InferenceSettings`
+        (the checkpoint's HU window, factor and head, the run's patch size and inference
+        section; ``provenance``: the checkpoint's path, epoch and the liverseg version that
+        trained it).
 
     Raises:
         CheckpointError: Missing, corrupted or non-liverseg file, or weights that do not fit the
@@ -172,59 +218,22 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "auto") -> t
     try:
         model = build_model(config, preprocessing["head"])
         model.load_state_dict(state["model"])
-    except (ValueError, RuntimeError, TypeError, AttributeError) as exc:
+        settings = inference_settings(
+            config,
+            preprocessing,
+            provenance={
+                "checkpoint": str(path),
+                "epoch": int(state["epoch"]),
+                "liverseg_version": str(state.get("version", "unknown")),
+            },
+        )
+    except (ValueError, RuntimeError, TypeError, AttributeError, LiversegError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(
-            f"checkpoint {path}: the weights do not fit the model its config describes ({reason})"
+            f"checkpoint {path}: the weights or settings do not fit the model its config "
+            f"describes ({reason})"
         ) from None
     device = resolve_device(device)
     model.eval().to(device)
-    inference = config.inference
-    settings = {
-        "hu_min": float(preprocessing["hu_min"]),
-        "hu_max": float(preprocessing["hu_max"]),
-        "factor": int(preprocessing["factor"]),
-        "head": str(preprocessing["head"]),
-        "patch_size": int(config.data.patch_size),
-        "overlap": inference.overlap,
-        "batch_size": inference.batch_size,
-        "blending": inference.blending,
-        "amp": inference.amp,
-        "keep_largest_liver": inference.keep_largest_liver,
-        "tumor_inside_liver": inference.tumor_inside_liver,
-        "min_tumor_mm3": inference.min_tumor_mm3,
-        "provenance": {
-            "checkpoint": str(path),
-            "epoch": int(state["epoch"]),
-            "liverseg_version": str(state.get("version", "unknown")),
-        },
-    }
     log.info("loaded %s (epoch %s) on %s", path, state.get("epoch"), device)
     return model, settings
-
-
-def predict_kwargs(settings: dict, prepared: bool = False) -> dict:
-    """Keyword arguments of :func:`liverseg.inference.volume.predict_volume` from :func:`load_model`'s
-    settings.
-
-    Args:
-        settings: As returned by :func:`load_model`.
-        prepared: The inputs were already reduced by ``liverseg prepare`` (zoom 1); otherwise
-            they are original scans and are reduced by the checkpoint's ``factor``.
-    """
-    return {
-        "hu_min": settings["hu_min"],
-        "hu_max": settings["hu_max"],
-        "head": settings["head"],
-        "patch_size": settings["patch_size"],
-        "overlap": settings["overlap"],
-        "batch_size": settings["batch_size"],
-        "blending": settings["blending"],
-        "amp": settings["amp"],
-        "zoom": 1 if prepared else settings["factor"],
-        "postprocess": Postprocess(
-            keep_largest_liver=settings["keep_largest_liver"],
-            tumor_inside_liver=settings["tumor_inside_liver"],
-            min_tumor_mm3=settings["min_tumor_mm3"],
-        ),
-    }

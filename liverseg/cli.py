@@ -30,7 +30,7 @@ def _phantoms(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from liverseg.data.cases import check_dataset
+    from liverseg.data.checks import check_dataset
     from liverseg.data.problems import format_problems, has_errors
 
     problems = check_dataset(
@@ -75,7 +75,8 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from liverseg.evaluation.folders import evaluate_folders, validation_cases
+    from liverseg.data.splits import validation_cases
+    from liverseg.evaluation.folders import evaluate_folders
 
     cases = list(args.cases) if args.cases else None
     if args.split is not None:

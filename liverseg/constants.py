@@ -1,4 +1,4 @@
-"""Label values, subject keys and class names shared by every module."""
+"""Label values, subject keys, class names and config choices shared by every module."""
 
 BACKGROUND, LIVER, TUMOR = 0, 1, 2
 LABEL_VALUES = (BACKGROUND, LIVER, TUMOR)
@@ -16,3 +16,24 @@ DICE_CLASSES = ("liver_excl_tumor", "liver_incl_tumor", "tumor")
 
 # Names that start with this are never opened (macOS AppleDouble `._liver_N.nii.gz`, dot files).
 HIDDEN_PREFIX = "."
+
+# The allowed values of each choice in the config (checked when it loads, liverseg.config) and
+# in the functions that take them. Each owning module re-exports its own.
+# train.amp, inference.amp (liverseg.devices): "auto" is bf16 autocast on CUDA (fp16 where bf16 is
+# unsupported) and fp32 on CPU and MPS; "bf16" and "fp16" force that autocast dtype; "off": fp32.
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+# train.device: the part before any ":N" (liverseg.devices.resolve_device).
+DEVICE_TYPES = ("auto", "cpu", "cuda", "mps")
+# inference.blending (liverseg.inference.volume): how overlapping patch probabilities are weighted.
+BLENDINGS = ("hann", "average")
+# train.loss and the output head each trains (liverseg.training.losses).
+LOSSES = ("bce", "bce_dice", "ce", "ce_dice")
+HEADS = ("regions", "softmax")
+# train.lr_schedule (liverseg.training.lr_schedules).
+LR_SCHEDULES = ("constant", "poly")
+# train.resume: "auto" continues from <run.dir>/checkpoints/last.pt when present; "never" does not.
+RESUME_MODES = ("auto", "never")
+# model.norm, and UNet3D's activation and downsampling (liverseg.model).
+NORMS = ("instance", "batch", "none")
+ACTIVATIONS = ("leaky_relu", "relu")
+DOWNSAMPLINGS = ("maxpool", "strided_conv")

@@ -1,9 +1,9 @@
 """Where a model runs and how: the device, the autocast dtype and the memory layout.
 
-Inference and training choose differently: inference runs channels-last 3D on CPU and mixed
-precision wherever the hardware supports it (:func:`uses_channels_last`, :func:`autocast_dtype`);
-training uses mixed precision on CUDA only unless asked, and channels-last only under autocast on
-CUDA (:func:`training_dtype`, :func:`training_layout`).
+``amp`` means the same for training and inference (:func:`autocast_dtype`): ``"auto"`` is mixed
+precision on CUDA only. The memory layouts differ: inference runs channels-last 3D on CPU and under
+autocast on CUDA (:func:`uses_channels_last`); training only under autocast on CUDA
+(:func:`training_layout`).
 """
 
 from __future__ import annotations
@@ -12,9 +12,8 @@ import functools
 
 import torch
 
+from liverseg.constants import AMP_MODES
 from liverseg.errors import LiversegError
-
-AMP_MODES = ("auto", "bf16", "fp16", "off")
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
@@ -58,7 +57,22 @@ def uses_channels_last(device: torch.device, dtype: torch.dtype | None) -> bool:
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for an ``amp`` setting on ``device`` (None: fp32)."""
+    """The autocast dtype of an ``amp`` setting (``train.amp`` or ``inference.amp``) on ``device``.
+
+    Args:
+        amp: ``"auto"``: bf16 on CUDA (fp16 where the GPU lacks bf16), fp32 on CPU and MPS
+            (whether bf16 is faster there depends on the CPU: ``configs/demo.yaml`` sets it);
+            ``"bf16"`` or ``"fp16"``: that dtype on any device; ``"off"``: fp32.
+        device: Where the model runs.
+
+    Returns:
+        The dtype for ``torch.autocast``, or None for fp32 (no autocast).
+
+    Raises:
+        LiversegError: ``amp`` is not one of :data:`liverseg.constants.AMP_MODES`.
+    """
+    if amp not in AMP_MODES:
+        raise LiversegError(f"amp must be one of {', '.join(AMP_MODES)}, got {amp!r}")
     if amp == "off":
         return None
     if amp == "bf16":
@@ -67,14 +81,15 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
         return torch.float16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and _cpu_supports_bf16():
-        return torch.bfloat16
     return None
 
 
 @functools.lru_cache(maxsize=1)
 def _cpu_supports_bf16() -> bool:
-    """oneDNN reports bf16 support and a tiny bf16 autocast forward runs."""
+    """Whether bf16 autocast works on this CPU: oneDNN reports support and a tiny forward runs.
+
+    ``amp="bf16"`` on a CPU without it is slow or fails; tests of bf16 skip such CPUs.
+    """
     try:
         if not torch.backends.mkldnn.is_available():
             return False
@@ -98,12 +113,3 @@ def training_layout(device: torch.device, dtype: torch.dtype | None) -> torch.me
     if device.type == "cuda" and dtype is not None:
         return torch.channels_last_3d
     return torch.contiguous_format
-
-
-def training_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``train.amp``: "auto" is mixed precision on CUDA only (None: fp32)."""
-    if amp not in AMP_MODES:
-        raise LiversegError(f"train.amp must be one of {', '.join(AMP_MODES)}, got {amp!r}")
-    if amp == "auto" and device.type != "cuda":
-        return None
-    return autocast_dtype(amp, device)

@@ -1,22 +1,34 @@
-"""NIfTI files: voxels read without a float64 copy; every write crash-safe.
+"""Files: the one reader and writer of volumes, the one NIfTI lister, case ids.
 
-A write goes to a temporary name in the same folder, then is renamed onto its destination.
+Volumes are read at their stored dtype (no float64 copy); every write goes to a temporary name in
+the same folder, then is renamed onto its destination, so a crash never leaves a half-written file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import tempfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
-import torchio as tio
 
+from liverseg.constants import HIDDEN_PREFIX, LABEL_VALUES
 from liverseg.errors import DataError
+from liverseg.labels import invalid_label_values
+
+log = logging.getLogger(__name__)
+
+# What read_volume accepts: a path, a nibabel image or a torchio image.
+Source = Any  # str | os.PathLike | nib.spatialimages.SpatialImage | tio.Image
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
 @contextlib.contextmanager
@@ -86,49 +98,38 @@ def stored_voxels(image: nib.spatialimages.SpatialImage) -> np.ndarray:
     return data
 
 
-def read_volume(
-    image: str | Path | tio.ScalarImage | nib.Nifti1Image,
-) -> tuple[np.ndarray, np.ndarray]:
-    """The HU voxels and affine of a CT, at its stored dtype and orientation.
+def read_volume(source: Source, role: str = "CT volume") -> tuple[np.ndarray, np.ndarray]:
+    """The voxels and affine of a volume, at its stored dtype and orientation.
 
     Args:
-        image: A NIfTI path, a ``tio.ScalarImage`` or a nibabel image.
+        source: A NIfTI path, a nibabel image, or a torchio image (anything with ``data`` of
+            shape ``(1, W, H, D)`` and ``affine``).
+        role: What the volume is, for messages (``"CT volume"``, ``"label map"``).
 
     Returns:
-        ``(hu, affine)``: ``hu`` of shape ``(W, H, D)`` (int16 stays int16; scaled or float data
-        become float32), ``affine`` 4 x 4 float64.
+        ``(data, affine)``: ``data`` of shape ``(W, H, D)`` (int16 stays int16; scaled or float
+        data become float32), ``affine`` 4 x 4 float64.
 
     Raises:
-        DataError: Missing or unreadable file, not 3D, or a singular affine.
+        DataError: Missing or unreadable file, not 3D, or a singular affine; names the file.
     """
-    if isinstance(image, tio.ScalarImage):
-        name = str(image.path) if image.path else "the tio.ScalarImage"
-    elif isinstance(image, nib.spatialimages.SpatialImage):
-        name = image.get_filename() or "the nibabel image"
-    else:
-        name = str(image)
+    name = _name_of(source)
     try:
-        if isinstance(image, tio.ScalarImage):
-            data = image.data.numpy()
-            affine = np.asarray(image.affine, dtype=np.float64)
+        if isinstance(source, (str, os.PathLike)):
+            path = Path(source)
+            if not path.is_file():
+                raise DataError(f"{path}: file not found; expected a .nii or .nii.gz {role}")
+            source = nib.load(str(path))
+        if isinstance(source, nib.spatialimages.SpatialImage):
+            affine = np.asarray(source.affine, dtype=np.float64)
+            data = stored_voxels(source)
         else:
-            if not isinstance(image, nib.spatialimages.SpatialImage):
-                path = Path(image)
-                if not path.is_file():
-                    raise DataError(f"{path}: file not found; expected a .nii or .nii.gz CT")
-                image = nib.load(str(path))
-            affine = np.asarray(image.affine, dtype=np.float64)
-            data = stored_voxels(image)
+            affine = np.asarray(source.affine, dtype=np.float64)
+            data = np.asarray(source.data)
     except (nib.filebasedimages.ImageFileError, OSError, EOFError, zlib.error, ValueError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"{name}: cannot read it as a NIfTI CT volume ({reason})") from None
-    data = np.asarray(data)
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.ndim == 4 and data.shape[0] == 1:
-        data = data[0]
-    if data.ndim != 3:
-        raise DataError(f"{name}: expected a 3D CT volume, found shape {data.shape}")
+        raise DataError(f"{name}: cannot read it as a NIfTI {role} ({reason})") from None
+    data = _as_3d(np.asarray(data), name, role)
     if not np.issubdtype(data.dtype, np.integer) and data.dtype != np.float32:
         data = data.astype(np.float32)
     if data.dtype.kind not in "iuf":
@@ -136,3 +137,125 @@ def read_volume(
     if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise DataError(f"{name}: the affine is singular or not finite:\n{affine}")
     return data, affine
+
+
+def read_labels(source: Source) -> tuple[np.ndarray, np.ndarray]:
+    """A label map as uint8 and its affine, its values checked.
+
+    Args:
+        source: As for :func:`read_volume`.
+
+    Returns:
+        ``(labels, affine)``: uint8 ``(W, H, D)`` in :data:`liverseg.constants.LABEL_VALUES`.
+
+    Raises:
+        DataError: Unreadable, not 3D, or values other than background, liver and tumor.
+    """
+    data, affine = read_volume(source, role="label map")
+    invalid = invalid_label_values(data)
+    if invalid:
+        raise DataError(
+            f"{_name_of(source)}: label values {invalid} outside {list(LABEL_VALUES)} "
+            "(background, liver, tumor); is this a label map rather than a CT or a probability "
+            "map? Fix or re-export it"
+        )
+    return data.astype(np.uint8, copy=False), affine
+
+
+def read_stored(
+    path: str | Path, role: str = "CT volume"
+) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """The unscaled stored voxels of a NIfTI file, its affine and its scaling.
+
+    For code that works on stored values and applies ``scl_slope``/``scl_inter`` itself, slab by
+    slab (``liverseg prepare``), so a scaled int16 file is never held as float.
+
+    Returns:
+        ``(stored (W, H, D), affine, slope, inter)``: value = stored * slope + inter.
+
+    Raises:
+        DataError: Missing, unreadable or not 3D; names the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(
+            f"{path}: not found; expected a .nii or .nii.gz {role} there. Restore it or remove "
+            "the case"
+        )
+    try:
+        image = nib.load(str(path))
+        stored = np.asarray(image.dataobj.get_unscaled())
+        slope, inter = float(image.dataobj.slope), float(image.dataobj.inter)
+        affine = np.asarray(image.affine, dtype=np.float64)
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many types for a broken file
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(
+            f"{path}: cannot read it as a NIfTI {role} ({type(exc).__name__}: {reason}); "
+            "re-extract or re-download this file, or move the case out of the dataset folder"
+        ) from None
+    return _as_3d(stored, str(path), role), affine, slope, inter
+
+
+def _as_3d(data: np.ndarray, name: str, role: str) -> np.ndarray:
+    """``(W, H, D)`` from ``(W, H, D)``, ``(W, H, D, 1, ...)`` or ``(1, W, H, D)``."""
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim == 4 and data.shape[0] == 1:
+        data = data[0]
+    if data.ndim != 3:
+        raise DataError(f"{name}: expected a 3D {role} (W, H, D), found shape {data.shape}")
+    return data
+
+
+def _name_of(source: Source) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    if isinstance(source, nib.spatialimages.SpatialImage):
+        return source.get_filename() or "the nibabel image"
+    path = getattr(source, "path", None)
+    return str(path) if path else f"the {type(source).__name__}"
+
+
+def case_id_of(path: str | Path) -> str:
+    """The case id of a NIfTI path: its name without ``.nii.gz`` / ``.nii``."""
+    name = Path(path).name
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def natural_key(text: str) -> tuple:
+    """Sort key that orders digit runs by value: ``liver_2`` before ``liver_10``."""
+    return tuple(
+        (0, int(part), "") if part.isdigit() else (1, 0, part)
+        for part in re.split(r"(\d+)", text)
+        if part
+    )
+
+
+def list_nifti(folder: str | Path, suffixes: tuple[str, ...] = NIFTI_SUFFIXES) -> list[Path]:
+    """The NIfTI files of a folder, sorted by name with digit runs by value.
+
+    Names starting with ``"."`` (macOS ``._liver_N.nii.gz`` AppleDouble files, dot files) are
+    never opened; sub-folders are not searched.
+
+    Args:
+        folder: The folder; a missing one has no files.
+        suffixes: Accepted name endings (``("_seg.nii.gz", "_seg.nii")`` for predictions).
+
+    Returns:
+        The files, ``liver_2`` before ``liver_10``.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    files, hidden = [], 0
+    for path in folder.iterdir():
+        if path.name.startswith(HIDDEN_PREFIX):
+            hidden += 1
+        elif path.name.endswith(suffixes) and path.is_file():
+            files.append(path)
+    if hidden:
+        log.info("%s: ignored %d hidden files (macOS ._ AppleDouble or dot files)", folder, hidden)
+    return sorted(files, key=lambda p: natural_key(p.name))

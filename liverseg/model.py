@@ -4,7 +4,7 @@ Each level holds two 3x3x3 convolutions, each followed by a normalisation and a 
 ReLU). The encoder halves every spatial axis between levels (max-pooling or a strided
 convolution); the decoder doubles it back with transposed convolutions and concatenates the
 encoder's features of the same level (skip connections). A final 1x1x1 convolution gives one
-logit per output channel; which channel means what is decided in :mod:`liverseg.training.losses`.
+logit per output channel; which channel means what is decided in :mod:`liverseg.labels`.
 
 Because every downsampling halves the size, each spatial size must be a multiple of
 :attr:`UNet3D.size_multiple`; :func:`check_input_size` says which sizes are valid.
@@ -12,15 +12,15 @@ Because every downsampling halves the size, each spatial size must be a multiple
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-NORMS = ("instance", "batch", "none")
-ACTIVATIONS = ("leaky_relu", "relu")
-DOWNSAMPLINGS = ("maxpool", "strided_conv")
+from liverseg.constants import ACTIVATIONS, DOWNSAMPLINGS, NORMS
+
 LEAKY_SLOPE = 0.01
 
 
@@ -115,7 +115,7 @@ class UNet3D(nn.Module):
 
     Args:
         in_channels: Image channels (1 for CT).
-        out_channels: Logit channels; see :func:`liverseg.training.losses.out_channels`.
+        out_channels: Logit channels; see :func:`liverseg.labels.out_channels`.
         features: Channels per level, shallowest first; ``len(features)`` levels, so
             ``len(features) - 1`` downsamplings. At least two levels.
         norm: ``"instance"`` (affine), ``"batch"`` or ``"none"``.
@@ -126,8 +126,8 @@ class UNet3D(nn.Module):
         deep_supervision: Extra 1x1x1 logit heads on this many decoder levels below full
             resolution (nnU-Net's deep supervision; 0: none). In training mode ``forward``
             then returns a tuple of logits, full resolution first, each next one half the size
-            (see :func:`liverseg.training.losses.compute_loss`); in eval mode only the full-resolution
-            logits. At most ``len(features) - 2``.
+            (see :func:`liverseg.training.losses.compute_loss`); in eval mode only the
+            full-resolution logits. At most ``len(features) - 2``.
 
     Raises:
         ValueError: On an unknown option, fewer than two levels, a non-positive width or a
@@ -255,4 +255,6 @@ class UNet3D(nn.Module):
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+        nearest = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f"; did you mean {nearest[0]!r}?" if nearest else ""
+        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}{hint}")

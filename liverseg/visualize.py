@@ -29,7 +29,8 @@ import numpy as np
 
 from liverseg.constants import LABEL_NAMES, LABEL_VALUES, LIVER, TUMOR
 from liverseg.errors import DataError, LiversegError
-from liverseg.io import atomic_path, stored_voxels
+from liverseg.io import atomic_path, read_volume
+from liverseg.labels import invalid_label_values
 
 if TYPE_CHECKING:
     from matplotlib.animation import Animation
@@ -263,7 +264,9 @@ def _load_volumes(
             volumes[role] = None
             continue
         if isinstance(source, (str, os.PathLike)):
-            volumes[role], file_affine = _read_nifti(Path(source), role)
+            volumes[role], file_affine = read_volume(
+                Path(source), role="CT volume" if role == "ct" else "label map"
+            )
             names[role] = f"{role} file {source}"
             if role == "ct" and affine is None:
                 affine = file_affine
@@ -283,20 +286,6 @@ def _load_volumes(
     return [volumes[role] for role in sources], affine
 
 
-def _read_nifti(path: Path, role: str) -> tuple[np.ndarray, np.ndarray]:
-    if not path.is_file():
-        raise DataError(f"{role} file {path} not found; expected a NIfTI file (.nii or .nii.gz)")
-    try:
-        image = nib.load(str(path))
-        data = stored_voxels(image)
-    except Exception as exc:  # nibabel raises many types for a file that is not NIfTI
-        raise DataError(
-            f"{role} file {path} could not be read as NIfTI ({exc}); "
-            "expected a .nii or .nii.gz image (macOS ._ files are not images)"
-        ) from exc
-    return _as_volume(data, f"{role} file {path}"), image.affine
-
-
 def _as_volume(data: np.ndarray, name: str) -> np.ndarray:
     """Accept ``(W, H, D)``, ``(1, W, H, D)`` (torchio) or ``(W, H, D, 1)``."""
     if data.ndim == 4 and data.shape[0] == 1:
@@ -309,9 +298,8 @@ def _as_volume(data: np.ndarray, name: str) -> np.ndarray:
 
 
 def _check_labels(labels: np.ndarray, name: str) -> np.ndarray:
-    known = np.isin(labels, LABEL_VALUES)
-    if not known.all():
-        found = np.unique(labels[~known])[:5].tolist()
+    found = invalid_label_values(labels, limit=5)
+    if found:
         raise DataError(
             f"{name} holds label values {found}; expected only {list(LABEL_VALUES)} "
             "(background, liver, tumor) -- pass a label map, not probabilities or another task's"

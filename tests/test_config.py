@@ -1,7 +1,14 @@
+import re
+from pathlib import Path
+
+import numpy as np
 import pytest
+import torch
+import torchio as tio
 
 from liverseg.config import Config, diff_configs, from_dict, load_config, to_dict
-from liverseg.errors import ConfigError
+from liverseg.devices import autocast_dtype
+from liverseg.errors import ConfigError, LiversegError
 
 
 def test_defaults_are_the_seed_design():
@@ -75,3 +82,261 @@ def test_diff_lists_changed_leaves():
     a = to_dict(Config())
     b = to_dict(load_config(None, ("model.features=[4, 8]",)))
     assert diff_configs(a, b) == ["model.features: [32, 64, 128, 256] -> [4, 8]"]
+
+
+# --- values checked when the config loads -------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    "key, typo, nearest",
+    [
+        ("train.amp", "hannn", None),  # once accepted at load, refused only when training began
+        ("train.amp", "bf61", "bf16"),
+        ("inference.amp", "of", "off"),
+        ("inference.blending", "hannn", "hann"),
+        ("train.resume", "nevr", "never"),
+        ("train.loss", "bce_dise", "bce_dice"),
+        ("train.lr_schedule", "ploy", "poly"),
+        ("model.norm", "instnace", "instance"),
+        ("train.device", "cdua", "cuda"),
+    ],
+)
+def test_choice_typo_is_refused_at_load_naming_the_nearest_choice(key, typo, nearest):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, (f"{key}={typo}",))
+    message = str(error.value)
+    assert message.startswith(f"override {key}={typo}: {key}='{typo}' is not ")
+    if nearest is None:  # nothing alike: the choices alone
+        assert message.endswith("is not one of auto, bf16, fp16, off")
+    else:
+        assert message.endswith(f"; did you mean '{nearest}'?")
+
+
+def test_choice_typo_in_yaml_names_the_file_and_the_choices(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("inference:\n  blending: hannn\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert str(error.value) == (
+        f"{path}: inference.blending='hannn' is not one of hann, average; did you mean 'hann'?"
+    )
+
+
+def test_bad_override_is_blamed_on_the_override_not_the_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 3\n  val_every: 1\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path, ("train.epochs=0",))
+    assert str(error.value) == "override train.epochs=0: train.epochs=0 must be >= 1"
+    with pytest.raises(ConfigError, match=r"^override data\.patch_size=abc: 'data\.patch_size'"):
+        load_config(path, ("data.patch_size=abc",))
+
+
+def test_bad_yaml_value_is_blamed_on_the_yaml_despite_other_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("inference:\n  overlap: 1.5\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path, ("train.epochs=3",))
+    assert str(error.value) == f"{path}: inference.overlap=1.5 must be in [0, 1)"
+
+
+def test_override_replaces_a_mapping_value_rather_than_merging_into_it(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  label_probabilities: {0: 0.5, 1: 0.5}\n")
+    config = load_config(path, ("data.label_probabilities={2: 1.0}",))
+    assert config.data.label_probabilities == {2: 1.0}
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.val_every=0", "train.val_every=0 must be >= 1"),
+        ("train.epochs=0", "train.epochs=0 must be >= 1"),
+        ("train.epochs=-1", "train.epochs=-1 must be >= 1"),
+        ("data.batch_size=0", "data.batch_size=0 must be >= 1"),
+        ("data.patch_size=0", "data.patch_size=0 must be >= 1"),
+        ("inference.overlap=1.5", "inference.overlap=1.5 must be in [0, 1)"),
+        ("inference.overlap=1", "inference.overlap=1.0 must be in [0, 1)"),
+        ("inference.batch_size=0", "inference.batch_size=0 must be >= 1"),
+        ("train.lr=0", "train.lr=0.0 must be > 0"),
+        ("model.dropout=1", "model.dropout=1.0 must be in [0, 1)"),
+        ("data.num_workers=-1", "data.num_workers=-1 must be >= 0"),
+        ("data.shape=[96, 0, 64]", "data.shape=[96, 0, 64]: each value must be >= 1"),
+        ("data.scales=[0, 1.1]", "data.scales=[0.0, 1.1]: each value must be > 0"),
+    ],
+)
+def test_number_out_of_range_is_refused_at_load(override, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, (override,))
+    assert str(error.value) == f"override {override}: {message}"
+
+
+def test_range_ends_that_are_allowed_load():
+    config = load_config(
+        None,
+        (
+            "train.epochs=1",
+            "train.val_every=1",
+            "inference.overlap=0",
+            "train.iterations_per_epoch=0",
+            "data.num_workers=0",
+            "phantoms.cases=0",
+        ),
+    )
+    assert config.train.epochs == 1 and config.inference.overlap == 0.0
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (("data.hu_max=-500",), "data.hu_max=-500.0 must exceed data.hu_min=-150.0"),
+        (("data.hu_min=250",), "data.hu_max=250.0 must exceed data.hu_min=250.0"),
+        (
+            ("model.features=[4, 8, 16]", "data.patch_size=18"),
+            "data.patch_size=18 must be a multiple of 4 for model.features=[4, 8, 16] "
+            "(2 ** (levels - 1)); use 16 or 20",
+        ),
+        (
+            ("model.features=[4, 8, 16]", "data.patch_size=2"),
+            "data.patch_size=2 must be a multiple of 4 for model.features=[4, 8, 16] "
+            "(2 ** (levels - 1)); use 4",
+        ),
+        (("model.features=[8]",), "model.features=[8]: at least 2 levels are needed"),
+        (
+            ("model.features=[4, 8, 16]", "model.deep_supervision=2"),
+            "model.deep_supervision=2 must be in [0, 1] for model.features=[4, 8, 16]",
+        ),
+        (("data.label_probabilities={3: 1.0}",), "data.label_probabilities={3: 1.0}: keys must"),
+        (("data.label_probabilities={0: 0.0}",), "values >= 0 and not all 0"),
+        (
+            ("phantoms.cases=8", "data.num_train=8"),
+            "data.num_train=8 leaves no validation case of phantoms.cases=8; set data.num_train "
+            "between 1 and 7",
+        ),
+    ],
+)
+def test_keys_that_do_not_agree_are_refused_at_load(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, overrides)
+
+
+def test_keys_that_agree_load():
+    config = load_config(
+        None,
+        (
+            "model.features=[4, 8, 16]",
+            "data.patch_size=20",
+            "model.deep_supervision=1",
+            "phantoms.cases=8",
+            "data.num_train=7",
+        ),
+    )
+    assert config.data.patch_size == 20 and config.model.deep_supervision == 1
+
+
+def test_disagreement_names_every_source_that_set_its_keys(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  features: [4, 8, 16]\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path, ("data.patch_size=18",))
+    assert str(error.value).startswith(f"override data.patch_size=18 and {path}: data.patch_size")
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ("train.val_every=0", "inference.blending=hannn", "data.hu_max=-500"))
+    lines = str(error.value).splitlines()
+    assert lines[0] == "3 problems in the config:"
+    assert [line.split(":")[0].strip() for line in lines[1:]] == [
+        "override inference.blending=hannn",
+        "override train.val_every=0",
+        "override data.hu_max=-500",
+    ]
+
+
+def test_a_checkpoints_config_is_checked_naming_the_checkpoint():
+    values = to_dict(Config())
+    values["inference"]["blending"] = "hannn"
+    with pytest.raises(ConfigError, match=r"^checkpoint run/last\.pt: inference\.blending='hannn'"):
+        from_dict(values, source="checkpoint run/last.pt")
+
+
+def test_demo_config_loads_with_bf16_for_training_and_inference():
+    config = load_config(REPO / "configs" / "demo.yaml")
+    assert config.train.amp == "bf16" and config.inference.amp == "bf16"
+
+
+def test_train_with_a_bad_choice_exits_2_and_creates_nothing(tmp_path, capsys):
+    from liverseg.cli import main
+
+    code = main(
+        [
+            "train",
+            "--config",
+            str(REPO / "configs" / "demo.yaml"),
+            f"data.root={tmp_path / 'data'}",
+            f"run.dir={tmp_path / 'run'}",
+            "inference.blending=hannn",
+        ]
+    )
+    assert code == 2
+    assert list(tmp_path.iterdir()) == []  # no phantoms, no run folder
+    assert "override inference.blending=hannn: " in capsys.readouterr().err
+
+
+# --- amp: one meaning for training and inference ------------------------------------------------
+
+
+def test_amp_auto_is_fp32_on_cpu_and_mps_and_forced_dtypes_apply_anywhere():
+    cpu, mps = torch.device("cpu"), torch.device("mps")
+    assert autocast_dtype("auto", cpu) is None
+    assert autocast_dtype("auto", mps) is None
+    assert autocast_dtype("off", cpu) is None
+    assert autocast_dtype("bf16", cpu) == torch.bfloat16
+    assert autocast_dtype("fp16", mps) == torch.float16
+    with pytest.raises(LiversegError, match="amp must be one of auto, bf16, fp16, off"):
+        autocast_dtype("hannn", cpu)
+
+
+def test_training_and_inference_resolve_amp_with_the_same_function():
+    import liverseg.inference.volume
+    import liverseg.training.fit
+
+    assert liverseg.training.fit.autocast_dtype is autocast_dtype
+    assert liverseg.inference.volume.autocast_dtype is autocast_dtype
+
+
+class AutocastProbe(torch.nn.Module):
+    """A 1x1x1 convolution that records the CPU autocast dtype of each forward (None: off)."""
+
+    size_multiple = 1
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 2, kernel_size=1)
+        self.seen = set()
+
+    def forward(self, x):
+        enabled = torch.is_autocast_enabled("cpu")
+        self.seen.add(torch.get_autocast_dtype("cpu") if enabled else None)
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("amp, expected", [("auto", None), ("off", None), ("bf16", torch.bfloat16)])
+def test_inference_amp_on_cpu(amp, expected):
+    from liverseg.inference.settings import InferenceSettings
+    from liverseg.inference.volume import predict_volume
+
+    probe = AutocastProbe()
+    image = tio.ScalarImage(tensor=torch.zeros(1, 8, 8, 8), affine=np.eye(4))
+    settings = InferenceSettings(hu_min=-150, hu_max=250, patch_size=8, amp=amp, postprocess=None)
+    predict_volume(probe, image, settings, device="cpu")
+    assert probe.seen == {expected}
+
+
+@pytest.mark.gpu
+def test_amp_auto_is_bf16_on_cuda_where_supported():
+    expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    assert autocast_dtype("auto", torch.device("cuda")) == expected

@@ -11,27 +11,18 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from liverseg.constants import HIDDEN_PREFIX
-from liverseg.data.checks import check_case, label_affine_matches
-from liverseg.data.problems import ERROR, WARNING, Problem, Problems
+from liverseg.data.problems import ERROR, WARNING, Problem
 from liverseg.errors import DataError
+from liverseg.io import case_id_of, list_nifti, natural_key
 
-__all__ = [
-    "Case",
-    "MissingTestFolderError",
-    "check_case",
-    "check_dataset",
-    "find_cases",
-    "label_affine_matches",
-]
+__all__ = ["Case", "MissingTestFolderError", "case_id_of", "discover_cases", "find_cases"]
 
 log = logging.getLogger(__name__)
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 # split -> (image folder, label folder or None) and the dataset.json key listing it.
 SPLITS = {"training": ("imagesTr", "labelsTr"), "test": ("imagesTs", None)}
 
@@ -49,43 +40,6 @@ class Case:
     case_id: str
     image: Path
     label: Path | None
-
-
-def case_id_of(path: str | Path) -> str:
-    """The case id of a NIfTI path: its name without ``.nii.gz`` / ``.nii``."""
-    name = Path(path).name
-    for suffix in NIFTI_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def natural_key(text: str) -> tuple:
-    """Sort key that orders digit runs by value: ``liver_2`` before ``liver_10``."""
-    return tuple(
-        (0, int(part), "") if part.isdigit() else (1, 0, part)
-        for part in re.split(r"(\d+)", text)
-        if part
-    )
-
-
-def _is_nifti_name(name: str) -> bool:
-    return name.endswith(NIFTI_SUFFIXES)
-
-
-def _list_nifti(folder: Path) -> list[Path]:
-    """NIfTI files of ``folder``; hidden names (macOS ``._liver_N.nii.gz``) are never opened."""
-    if not folder.is_dir():
-        return []
-    files, hidden = [], 0
-    for path in folder.iterdir():
-        if path.name.startswith(HIDDEN_PREFIX):
-            hidden += 1
-        elif _is_nifti_name(path.name) and path.is_file():
-            files.append(path)
-    if hidden:
-        log.info("%s: ignored %d hidden files (macOS ._ AppleDouble or dot files)", folder, hidden)
-    return files
 
 
 class MissingTestFolderError(DataError):
@@ -155,10 +109,10 @@ def _pair_by_name(root: Path, split: str) -> list[Case]:
     """
     image_folder, label_folder = SPLITS[split]
     images, labels = {}, {}
-    for path in _list_nifti(root / image_folder):
+    for path in list_nifti(root / image_folder):
         images.setdefault(case_id_of(path), []).append(path)
     if label_folder is not None:
-        for path in _list_nifti(root / label_folder):
+        for path in list_nifti(root / label_folder):
             labels.setdefault(case_id_of(path), []).append(path)
     cases = []
     for cid in images.keys() | labels.keys():
@@ -233,8 +187,15 @@ def _find(root: Path, split: str, content: dict | None) -> list[Case]:
     return cases
 
 
-def _discover(root: Path) -> tuple[list[Case], list[Problem]]:
-    """Training and test cases of ``root``, plus the problems of discovery itself."""
+def discover_cases(root: str | Path) -> tuple[list[Case], list[Problem]]:
+    """Training and test cases of ``root``, plus the problems of discovery itself.
+
+    Problems: a malformed ``dataset.json`` (cases are then paired by file name), a missing
+    ``imagesTs/`` whose cases it lists, NIfTI files it does not list.
+
+    Raises:
+        DataError: ``root`` or its training folders do not exist.
+    """
     root = _existing_root(root)
     problems = []
     try:
@@ -247,7 +208,7 @@ def _discover(root: Path) -> tuple[list[Case], list[Problem]]:
     if content is not None:
         listed = {p for case in cases for p in (case.image, case.label) if p is not None}
         for folder in ("imagesTr", "labelsTr", "imagesTs"):
-            for path in sorted(_list_nifti(root / folder), key=lambda p: natural_key(p.name)):
+            for path in sorted(list_nifti(root / folder), key=lambda p: natural_key(p.name)):
                 if path not in listed:
                     problems.append(
                         Problem(
@@ -267,58 +228,3 @@ def _test_cases(root: Path, content: dict | None, problems: list[Problem]) -> li
     except MissingTestFolderError as exc:
         problems.append(Problem(ERROR, root / SPLITS["test"][0], str(exc)))
         return []
-
-
-def _duplicate_problems(cases: list[Case]) -> list[Problem]:
-    by_id: dict[str, list[Case]] = {}
-    for case in cases:
-        by_id.setdefault(case.case_id, []).append(case)
-    return [
-        Problem(
-            ERROR,
-            same[1].image,
-            f"case id {case_id!r} appears {len(same)} times ("
-            f"{', '.join(str(c.image) for c in same)}): expected unique ids; remove or rename "
-            "the extra files or dataset.json entries",
-        )
-        for case_id, same in by_id.items()
-        if len(same) > 1
-    ]
-
-
-def check_dataset(
-    root: str | Path,
-    *,
-    affine_tolerance_mm: float = 0.01,
-    copy_label_geometry: bool = False,
-    cases: list[Case] | None = None,
-) -> Problems:
-    """Every problem of a Task03-layout dataset, gathered before returning.
-
-    Args:
-        root: Dataset folder.
-        affine_tolerance_mm: Largest label/image affine entry difference taken as float noise.
-        copy_label_geometry: Report label affine mismatches as warnings (image's one is used).
-        cases: Check only these (e.g. from :func:`find_cases`); default: discover the training
-            and test cases of ``root`` and report discovery problems too (bad ``dataset.json``,
-            files it does not list).
-
-    Returns:
-        The problems (a list with ``n_cases``, the number of cases checked).
-
-    Raises:
-        DataError: ``root`` or its ``imagesTr``/``labelsTr`` do not exist (nothing to check).
-            A missing ``imagesTs/`` whose cases ``dataset.json`` lists is an error problem of
-            that folder instead (its cases are not checked).
-    """
-    root = Path(root)
-    problems: list[Problem] = []
-    if cases is None:
-        cases, problems = _discover(root)
-    problems += _duplicate_problems(cases)
-    for case in cases:
-        log.info("checking %s", case.case_id)
-        problems += check_case(
-            case, affine_tolerance_mm=affine_tolerance_mm, copy_label_geometry=copy_label_geometry
-        )
-    return Problems(problems, n_cases=len(cases))

@@ -1,14 +1,15 @@
-"""The data doctor's checks of one case: header first, then voxels in the file's own dtype.
+"""The data doctor: every problem of a dataset, gathered before anything is reported.
 
-Each check returns :class:`liverseg.data.problems.Problem` records instead of raising, so
-:func:`liverseg.data.cases.check_dataset` can gather every problem of a dataset before reporting.
+:func:`check_case` checks one case, header first, then voxels in the file's own dtype;
+:func:`check_dataset` checks a whole Task03 folder (discovery problems, duplicate ids, every case).
+Checks return :class:`liverseg.data.problems.Problem` records instead of raising.
 """
 
 from __future__ import annotations
 
+import logging
 import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
@@ -16,39 +17,15 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.openers import ImageOpener
 
 from liverseg.constants import LABEL_VALUES, LIVER, TUMOR
-from liverseg.data.problems import ERROR, WARNING, Problem
-from liverseg.evaluation.report import spacing_is_trustworthy
+from liverseg.data.cases import Case, discover_cases
+from liverseg.data.problems import ERROR, WARNING, Problem, Problems
+from liverseg.geometry import label_affine_matches, spacing_is_trustworthy, spacing_mm
 
-if TYPE_CHECKING:
-    from liverseg.data.cases import Case
-
+log = logging.getLogger(__name__)
 
 # 4x the largest Task03 volume (~260 M voxels): beyond it the header is corrupt, not the scan.
 MAX_VOXELS = 1_000_000_000
 _READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, MemoryError, ImageFileError)
-
-
-def label_affine_matches(
-    image_affine: np.ndarray, label_affine: np.ndarray, tolerance_mm: float
-) -> bool:
-    """Whether a label's affine equals its image's up to float noise.
-
-    Args:
-        image_affine: 4 x 4 voxel-to-scanner matrix of the image, mm.
-        label_affine: 4 x 4 matrix of the label, mm.
-        tolerance_mm: Largest accepted absolute difference of any entry, mm (Task03's
-            ``liver_2`` differs by about 3e-4 mm).
-
-    Returns:
-        True when every entry differs by at most ``tolerance_mm``.
-    """
-    difference = np.abs(np.asarray(image_affine, float) - np.asarray(label_affine, float))
-    return bool(np.all(np.isfinite(difference)) and difference.max() <= tolerance_mm)
-
-
-def _spacing_mm(img) -> np.ndarray:
-    """Voxel size per axis in mm: the lengths of the affine's first three columns."""
-    return np.linalg.norm(np.asarray(img.affine, float)[:3, :3], axis=0)
 
 
 def _open_volume(path: Path, role: str) -> tuple[object | None, list[Problem]]:
@@ -91,7 +68,7 @@ def _open_volume(path: Path, role: str) -> tuple[object | None, list[Problem]]:
             f"{role} header claims shape {shape}: expected 1 to {MAX_VOXELS:,} voxels; the header "
             "is corrupt, replace the file"
         )
-    spacing = _spacing_mm(img)
+    spacing = np.asarray(spacing_mm(img.affine))
     finite = np.all(np.isfinite(zooms)) and np.all(np.isfinite(img.affine))
     if not (finite and np.all(zooms > 0) and np.all(spacing > 0)):
         return err(
@@ -200,7 +177,10 @@ def _geometry_problems(case: Case, image, label, tolerance_mm: float, copy: bool
     if label_affine_matches(image.affine, label.affine, tolerance_mm):
         return []
     diff = float(np.abs(np.asarray(image.affine) - np.asarray(label.affine)).max())
-    label_spacing, image_spacing = _spacing_mm(label), _spacing_mm(image)
+    label_spacing, image_spacing = (
+        np.asarray(spacing_mm(label.affine)),
+        np.asarray(spacing_mm(image.affine)),
+    )
     what = "affine"
     if not np.allclose(label_spacing, image_spacing, atol=tolerance_mm):
         what = (
@@ -243,11 +223,11 @@ def check_case(
                 Problem(
                     WARNING,
                     case.image,
-                    f"identity-like affine (axis-aligned, {_spacing_mm(image)[0]:g} mm spacing "
-                    "on every axis): often a converter's default or its halving by `liverseg "
-                    "prepare`, not the true voxel size (Task03 cases 28-47); volumes in mL and "
-                    "sizes in mm from this header are unreliable. Set the true spacing in the "
-                    "header if known",
+                    "identity-like affine (axis-aligned, "
+                    f"{spacing_mm(image.affine)[0]:g} mm spacing on every axis): often a "
+                    "converter's default or its halving by `liverseg prepare`, not the true "
+                    "voxel size (Task03 cases 28-47); volumes in mL and sizes in mm from this "
+                    "header are unreliable. Set the true spacing in the header if known",
                 )
             )
         data, read_problems = _read_voxels(case.image, image, "image")
@@ -268,3 +248,58 @@ def check_case(
     if data is not None:
         problems += _label_value_problems(case.label, data)
     return problems
+
+
+def _duplicate_problems(cases: list[Case]) -> list[Problem]:
+    by_id: dict[str, list[Case]] = {}
+    for case in cases:
+        by_id.setdefault(case.case_id, []).append(case)
+    return [
+        Problem(
+            ERROR,
+            same[1].image,
+            f"case id {case_id!r} appears {len(same)} times ("
+            f"{', '.join(str(c.image) for c in same)}): expected unique ids; remove or rename "
+            "the extra files or dataset.json entries",
+        )
+        for case_id, same in by_id.items()
+        if len(same) > 1
+    ]
+
+
+def check_dataset(
+    root: str | Path,
+    *,
+    affine_tolerance_mm: float = 0.01,
+    copy_label_geometry: bool = False,
+    cases: list[Case] | None = None,
+) -> Problems:
+    """Every problem of a Task03-layout dataset, gathered before returning.
+
+    Args:
+        root: Dataset folder.
+        affine_tolerance_mm: Largest label/image affine entry difference taken as float noise.
+        copy_label_geometry: Report label affine mismatches as warnings (image's one is used).
+        cases: Check only these (e.g. from :func:`find_cases`); default: discover the training
+            and test cases of ``root`` and report discovery problems too (bad ``dataset.json``,
+            files it does not list).
+
+    Returns:
+        The problems (a list with ``n_cases``, the number of cases checked).
+
+    Raises:
+        DataError: ``root`` or its ``imagesTr``/``labelsTr`` do not exist (nothing to check).
+            A missing ``imagesTs/`` whose cases ``dataset.json`` lists is an error problem of
+            that folder instead (its cases are not checked).
+    """
+    root = Path(root)
+    problems: list[Problem] = []
+    if cases is None:
+        cases, problems = discover_cases(root)
+    problems += _duplicate_problems(cases)
+    for case in cases:
+        log.info("checking %s", case.case_id)
+        problems += check_case(
+            case, affine_tolerance_mm=affine_tolerance_mm, copy_label_geometry=copy_label_geometry
+        )
+    return Problems(problems, n_cases=len(cases))

@@ -36,15 +36,14 @@ import logging
 import math
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
 from liverseg.constants import BACKGROUND, LABEL_VALUES, LIVER, TUMOR
-from liverseg.data.cases import label_affine_matches
 from liverseg.errors import DataError
-from liverseg.evaluation.report import spacing_is_trustworthy
-from liverseg.io import save_nifti
+from liverseg.geometry import label_affine_matches, spacing_is_trustworthy
+from liverseg.io import read_stored, save_nifti
+from liverseg.labels import invalid_label_values
 
 logger = logging.getLogger(__name__)
 
@@ -142,16 +141,6 @@ def _block_counts(slab: np.ndarray, factor: int) -> tuple[np.ndarray, ...]:
     return count, foreground, tumor
 
 
-def _check_label_values(slab: np.ndarray, z0: int) -> None:
-    valid = np.isin(slab, LABEL_VALUES)
-    if not valid.all():
-        found = np.unique(slab[~valid])[:5].tolist()
-        raise ValueError(
-            f"label values {found} at slices >= {z0}; expected only {list(LABEL_VALUES)} "
-            "(background, liver, tumor)"
-        )
-
-
 def downsample_label(label: np.ndarray, factor: int) -> np.ndarray:
     """Reduce a label map by ``factor`` along every axis, keeping small tumors.
 
@@ -175,7 +164,12 @@ def downsample_label(label: np.ndarray, factor: int) -> np.ndarray:
     step = factor * max(1, _SLAB // factor)
     for z0 in range(0, label.shape[2], step):
         slab = label[:, :, z0 : z0 + step]
-        _check_label_values(slab, z0)
+        invalid = invalid_label_values(slab, limit=5)
+        if invalid:
+            raise ValueError(
+                f"label values {invalid} at slices >= {z0}; expected only {list(LABEL_VALUES)} "
+                "(background, liver, tumor)"
+            )
         count, foreground, tumor = _block_counts(slab, factor)
         blocks = slice(z0 // factor, z0 // factor + count.shape[2])
         organ = foreground >= LIVER_MIN_FRACTION * count
@@ -198,34 +192,6 @@ def _rescue_lost_tumors(out: np.ndarray, tumor_count: np.ndarray, present: np.nd
         peak = np.unravel_index(np.argmax(fraction), fraction.shape)
         out[tuple(s.start + p for s, p in zip(box, peak, strict=True))] = TUMOR
     logger.debug("checked %d tumor groups", n_groups)
-
-
-def _load_volume(path: Path) -> tuple[np.ndarray, np.ndarray, float, float]:
-    """(stored voxels (W, H, D), affine, slope, inter) of a NIfTI file, or a DataError naming it."""
-    if not path.is_file():
-        raise DataError(
-            f"{path}: not found; expected this case's NIfTI file there (listed by dataset.json "
-            "or paired by name). Restore it or remove the case."
-        )
-    try:
-        image = nib.load(str(path))
-        stored = np.asarray(image.dataobj.get_unscaled())
-        slope, inter = float(image.dataobj.slope), float(image.dataobj.inter)
-        affine = np.asarray(image.affine, dtype=np.float64)
-    except Exception as exc:
-        raise DataError(
-            f"{path}: cannot read it as NIfTI ({type(exc).__name__}: {exc}); expected a "
-            ".nii/.nii.gz volume. Re-extract or re-download this file, or move the case out of "
-            "the dataset folder."
-        ) from exc
-    if stored.ndim == 4 and stored.shape[3] == 1:
-        stored = stored[..., 0]
-    if stored.ndim != 3:
-        raise DataError(
-            f"{path}: expected a 3D volume (W, H, D), found shape {stored.shape}. "
-            "Use single-channel 3D NIfTI files."
-        )
-    return stored, affine, slope, inter
 
 
 def _fingerprint(path: Path) -> dict:
@@ -254,7 +220,7 @@ def downsample_case(
         mtime_ns), ``image`` / ``label`` (outputs), ``original_shape``, ``original_affine``,
         ``new_shape``, ``new_affine`` (4 x 4 lists, mm), ``spacing_trusted`` (False when the
         source's affine is an identity-like placeholder,
-        :func:`liverseg.evaluation.report.spacing_is_trustworthy`: its mm are unreliable, and stay so in
+        :func:`liverseg.geometry.spacing_is_trustworthy`: its mm are unreliable, and stay so in
         the output, whatever its new spacing) and, with a label, ``original_label_affine`` and
         ``new_label_affine``.
 
@@ -264,7 +230,7 @@ def downsample_case(
     if (label_path is None) != (out_label is None):
         raise ValueError("label_path and out_label must both be given or both be None")
     image_path = Path(image_path)
-    stored, affine, slope, inter = _load_volume(image_path)
+    stored, affine, slope, inter = read_stored(image_path)
     new_affine = downsampled_affine(affine, factor)
     reduced = downsample_image(stored, factor, slope, inter)
     original_shape = stored.shape
@@ -285,7 +251,7 @@ def downsample_case(
     if label_path is None:
         return record
     label_path = Path(label_path)
-    label, label_affine, _, _ = _load_volume(label_path)
+    label, label_affine, _, _ = read_stored(label_path, role="label map")
     if label.shape != original_shape:
         raise DataError(
             f"{label_path}: label shape {label.shape} differs from its image's "

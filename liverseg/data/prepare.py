@@ -7,8 +7,9 @@ original and new geometry of each case so predictions can be mapped back, and wh
 spacing can be trusted (``spacing_trusted``: false for an identity placeholder affine, whose halving
 no longer looks like one). A missing ``imagesTs`` means no test cases (with a warning).
 
-The geometry, the image filter and the label rule are in :mod:`liverseg.data.downsampling`; this module
-finds the cases, runs them in worker processes, skips those already finished and keeps the record.
+The geometry, the image filter and the label rule are in :mod:`liverseg.data.downsampling`;
+this module finds the cases, runs them in worker processes, skips those already finished and
+keeps the record.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The problems a data check finds: one record per file, a table, and the error training raises.
 
 Checks return :class:`Problem` records instead of raising, so a whole dataset's problems are
-gathered before they are reported (:func:`liverseg.data.cases.check_dataset`,
+gathered before they are reported (:func:`liverseg.data.checks.check_dataset`,
 :func:`liverseg.data.checks.check_case`).
 """
 
@@ -50,7 +50,7 @@ def format_problems(problems: list[Problem], n_cases: int | None = None) -> str:
     """A table, one row per problem (severity, file, message), and a summary line.
 
     Args:
-        problems: From :func:`liverseg.data.cases.check_dataset` (which carries ``n_cases``) or
+        problems: From :func:`liverseg.data.checks.check_dataset` (which carries ``n_cases``) or
             :func:`liverseg.data.checks.check_case`.
         n_cases: Number of cases checked; default ``problems.n_cases`` where present.
 
@@ -74,7 +74,7 @@ def raise_for_errors(problems: list[Problem], root: str | Path) -> None:
     """Log the warnings; raise if any problem is an error.
 
     Args:
-        problems: From :func:`liverseg.data.cases.check_dataset`.
+        problems: From :func:`liverseg.data.checks.check_dataset`.
         root: The dataset folder, named in the message.
 
     Raises:

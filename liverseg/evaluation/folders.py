@@ -10,17 +10,14 @@ reports it) and lesion detection pooled over all lesions.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
-from liverseg.constants import BACKGROUND, DICE_CLASSES, HIDDEN_PREFIX, TUMOR
-from liverseg.data.cases import natural_key
+from liverseg.constants import DICE_CLASSES
 from liverseg.errors import DataError
 from liverseg.evaluation.lesions import (
     DETECTION_RULE,
@@ -35,13 +32,13 @@ from liverseg.evaluation.metrics import (
     surface_distances,
     volume_overlap_error,
 )
-from liverseg.evaluation.report import axial_axis
-from liverseg.io import atomic_path
+from liverseg.geometry import spacing_mm
+from liverseg.io import NIFTI_SUFFIXES, atomic_path, list_nifti, natural_key, read_labels
 
 log = logging.getLogger(__name__)
 
 PRED_SUFFIXES = ("_seg.nii.gz", "_seg.nii")
-LABEL_SUFFIXES = (".nii.gz", ".nii")
+LABEL_SUFFIXES = NIFTI_SUFFIXES
 # Classes that get VOE, RVD and surface distances (LiTS reports liver and tumor).
 SHAPE_CLASSES = {"liver": "liver_incl_tumor", "tumor": "tumor"}
 METRIC_COLUMNS = (
@@ -93,28 +90,6 @@ def evaluate_folders(
     if out_csv is not None:
         _write_csv(out_csv, rows, {"case_id": "mean", **means})
     return _format_table(rows, means, global_dice, detection)
-
-
-def validation_cases(split_json: str | Path) -> list[str]:
-    """The ``"val"`` case ids of a run's ``split.json``.
-
-    Raises:
-        DataError: The file is missing, not JSON, or has no list of ids under ``"val"``.
-    """
-    path = Path(split_json)
-    try:
-        split = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"split file {path} does not exist; give a run's split.json") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"split file {path} is not readable JSON ({exc})") from None
-    val = split.get("val") if isinstance(split, dict) else None
-    if not isinstance(val, list) or not all(isinstance(c, str) for c in val):
-        raise DataError(
-            f'split file {path} has no list of case ids under "val"; expected '
-            '{"train": [...], "val": [...]} as liverseg train writes it'
-        )
-    return val
 
 
 def pair_cases(
@@ -173,12 +148,8 @@ def _cases(folder: Path, suffixes: tuple[str, ...], kind: str) -> dict[str, Path
     if not folder.is_dir():
         raise DataError(f"{kind} folder {folder} does not exist; give a folder of NIfTI files")
     cases = {}
-    for path in sorted(folder.iterdir()):
-        if path.name.startswith(HIDDEN_PREFIX) or not path.is_file():
-            continue
-        suffix = next((s for s in suffixes if path.name.endswith(s)), None)
-        if suffix is None:
-            continue
+    for path in list_nifti(folder, suffixes):
+        suffix = next(s for s in suffixes if path.name.endswith(s))
         case = path.name[: -len(suffix)]
         if case in cases:
             raise DataError(f"case {case} has two {kind} files: {cases[case]} and {path}")
@@ -192,18 +163,17 @@ def _evaluate_case(
     pred_path: Path, truth_path: Path, pooled: dict, min_lesion_mm3: float
 ) -> tuple[dict, dict]:
     """Metrics of one case; adds its Dice counts to ``pooled``."""
-    truth_image = nib.load(str(truth_path))
-    pred_labels, truth_labels = _load_labels(pred_path), _load_labels(truth_path)
+    pred_labels, pred_affine = read_labels(pred_path)
+    truth_labels, truth_affine = read_labels(truth_path)
     if pred_labels.shape != truth_labels.shape:
         raise DataError(
             f"prediction {pred_path} has shape {pred_labels.shape} but truth {truth_path} has "
             f"shape {truth_labels.shape}; predictions must be in the truth's geometry "
             "(liverseg predict writes them so, unless the inputs were prepared/downsampled)"
         )
-    pred_affine = nib.load(str(pred_path)).affine
-    if not np.allclose(pred_affine, truth_image.affine, atol=1e-2):
+    if not np.allclose(pred_affine, truth_affine, atol=1e-2):
         log.warning("%s and %s have different affines; comparing voxels", pred_path, truth_path)
-    spacing = tuple(float(z) for z in truth_image.header.get_zooms()[:3])
+    spacing = spacing_mm(truth_affine)
     pred, truth = class_masks(pred_labels), class_masks(truth_labels)
     row = {}
     for name in DICE_CLASSES:
@@ -216,33 +186,9 @@ def _evaluate_case(
         row[f"assd_{short}"], row[f"hd95_{short}"] = surface_distances(
             pred[name], truth[name], spacing
         )
-    detection = lesion_detection(
-        pred["tumor"], truth["tumor"], spacing, min_lesion_mm3, axial_axis(truth_image.affine)
-    )
+    detection = lesion_detection(pred["tumor"], truth["tumor"], truth_affine, min_lesion_mm3)
     row.update({column: detection[column] for column in DETECTION_COLUMNS})
     return row, detection
-
-
-def _load_labels(path: Path) -> np.ndarray:
-    """The stored labels of a NIfTI file, in their stored integer dtype (no float64 copy)."""
-    try:
-        labels = np.asarray(nib.load(str(path)).dataobj)
-    except Exception as exc:
-        raise DataError(f"cannot read {path} as NIfTI ({exc}); is it a label volume?") from exc
-    if labels.ndim == 4 and labels.shape[-1] == 1:
-        labels = labels[..., 0]
-    if labels.ndim != 3:
-        raise DataError(f"{path}: expected a 3D label volume, found shape {labels.shape}")
-    low, high = labels.min(), labels.max()
-    whole = labels.dtype.kind in "iub" or np.array_equal(labels, np.round(labels))
-    if low < BACKGROUND or high > TUMOR or not whole:
-        raise DataError(
-            f"{path}: expected label values {BACKGROUND}..{TUMOR} (background, liver, tumor), "
-            f"found values from {low} to {high}"
-            + ("" if whole else " with fractions")
-            + "; is this a label file rather than a CT or probability map?"
-        )
-    return labels
 
 
 def _mean(values) -> float:

@@ -1,11 +1,11 @@
 """Lesion-level metrics of tumor masks: components, axial diameters, detection; numpy/scipy only.
 
-Conventions, besides those of :mod:`liverseg.evaluation.metrics` (NaN where undefined, mm on the real voxel
-size):
+Conventions, besides those of :mod:`liverseg.evaluation.metrics` (NaN where undefined, mm on
+the real voxel geometry):
 
-- Lesions are 26-connected components.
-- In-plane diameters are measured between voxel centres: a lesion ``n`` voxels wide along an axis
-  of spacing ``s`` measures ``(n - 1) * s`` along it, and a one-voxel lesion measures 0 mm.
+- Lesions are 26-connected components; a volume is a voxel count times ``|det(affine)|``.
+- Diameters come from :func:`liverseg.geometry.axial_diameters`, the same measure as the report's
+  lesion table, so a lesion's size class and its reported long axis always agree.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-from liverseg.evaluation.metrics import _as_masks, _spacing, bounding_box
+from liverseg.evaluation.metrics import as_masks, bounding_box
+from liverseg.geometry import axial_diameters, checked_affine, voxel_volume_mm3
 
 SIZE_CLASSES = ("<10mm", "10-20mm", ">20mm")
 """Lesion size classes on the longest axial diameter: d < 10, 10 <= d <= 20, d > 20 mm."""
@@ -26,18 +27,15 @@ DETECTION_RULE = (
     "lesion by >= 1 voxel"
 )
 
-# Pairs of boundary points are compared in blocks of this many rows to bound memory.
-_PAIR_BLOCK = 1024
-
 
 def lesions(
-    mask: np.ndarray, spacing_mm: Sequence[float], min_volume_mm3: float = 0.0
+    mask: np.ndarray, voxel_mm3: float, min_volume_mm3: float = 0.0
 ) -> tuple[np.ndarray, int]:
     """Label the 26-connected components of a mask, keeping those of at least a volume.
 
     Args:
         mask: Tumor mask, shape ``(W, H, D)``.
-        spacing_mm: Voxel size along each axis, mm.
+        voxel_mm3: Volume of one voxel, mm^3 (:func:`liverseg.geometry.voxel_volume_mm3`).
         min_volume_mm3: Components smaller than this are dropped (set to 0).
 
     Returns:
@@ -45,7 +43,6 @@ def lesions(
         1..count inside, numbered in scan order; and the number of lesions kept.
     """
     mask = np.asarray(mask, dtype=bool)
-    voxel_mm3 = float(np.prod(_spacing(spacing_mm, mask.ndim)))
     labeled, count = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, dtype=bool))
     labeled = labeled.astype(np.int32, copy=False)
     if count == 0 or min_volume_mm3 <= 0:
@@ -58,66 +55,11 @@ def lesions(
     return relabel[labeled], int(keep.sum())
 
 
-def chord_diameters(
-    points_mm: np.ndarray, tolerance_mm: float | None = None
-) -> tuple[float, float]:
-    """Longest chord of a set of coplanar points, and the longest chord perpendicular to it.
-
-    The long axis is the largest distance between two points. The short axis is the largest
-    extent, measured perpendicular to the long axis, of a pair of points whose offset along the
-    long axis is at most ``tolerance_mm``: the discrete version of "the longest chord
-    perpendicular to the long axis" (RECIST) on a voxel grid.
-
-    Args:
-        points_mm: Point coordinates in the plane, shape ``(N, 2)``, mm (voxel centres of one
-            axial slice of a lesion; its boundary voxels suffice).
-        tolerance_mm: How far apart along the long axis the two ends of a short-axis chord may
-            be; default the smallest distance between two points (one voxel).
-
-    Returns:
-        ``(long_mm, short_mm)``; ``(0.0, 0.0)`` for a single point.
-    """
-    points = np.asarray(points_mm, dtype=np.float64).reshape(-1, 2)
-    if len(points) < 2:
-        return 0.0, 0.0
-    i, j = _farthest_pair(points)
-    axis = points[j] - points[i]
-    long_mm = float(np.linalg.norm(axis))
-    along = axis / long_mm
-    across = np.array([-along[1], along[0]])
-    u, v = points @ along, points @ across
-    step = _min_neighbour_distance(points) if tolerance_mm is None else float(tolerance_mm)
-    short_mm = 0.0
-    for start in range(0, len(points), _PAIR_BLOCK):
-        du = np.abs(u[start : start + _PAIR_BLOCK, None] - u[None, :])
-        dv = np.abs(v[start : start + _PAIR_BLOCK, None] - v[None, :])
-        dv[du > step + 1e-9] = 0.0
-        short_mm = max(short_mm, float(dv.max()))
-    return long_mm, short_mm
-
-
-def axial_diameters(slice_mask: np.ndarray, spacing_mm: Sequence[float]) -> tuple[float, float]:
-    """Long and short axis of a lesion in one axial slice (see :func:`chord_diameters`).
-
-    Args:
-        slice_mask: Lesion mask of one axial slice, shape ``(A, B)``.
-        spacing_mm: In-plane voxel size ``(a, b)``, mm.
-
-    Returns:
-        ``(long_mm, short_mm)`` between voxel centres; ``(0.0, 0.0)`` for an empty mask.
-    """
-    slice_mask = np.asarray(slice_mask, dtype=bool)
-    boundary = slice_mask & ~ndimage.binary_erosion(slice_mask)
-    spacing = _spacing(spacing_mm, 2)
-    return chord_diameters(np.argwhere(boundary) * np.asarray(spacing), min(spacing))
-
-
 def lesion_detection(
     pred_tumor: np.ndarray,
     truth_tumor: np.ndarray,
-    spacing_mm: Sequence[float],
+    affine: np.ndarray,
     min_volume_mm3: float = 0.0,
-    axial_axis: int = 2,
 ) -> dict:
     """Lesion-wise detection counts, recall, precision and F1, overall and by lesion size.
 
@@ -128,10 +70,9 @@ def lesion_detection(
     Args:
         pred_tumor: Predicted tumor mask, shape ``(W, H, D)``.
         truth_tumor: True tumor mask, same shape.
-        spacing_mm: Voxel size along each axis, mm.
+        affine: 4 x 4 voxel-to-scanner matrix of the truth, mm (voxel volume, axial axis and
+            diameters come from it).
         min_volume_mm3: Lesions (predicted and true) below this volume are ignored.
-        axial_axis: The voxel axis closest to the scanner's z axis
-            (:func:`liverseg.evaluation.report.axial_axis` finds it from an affine).
 
     Returns:
         ``true_lesions``, ``found`` (true lesions found), ``pred_lesions``, ``true_positive``
@@ -139,25 +80,23 @@ def lesion_detection(
         and ``by_size``: class -> ``{"found", "total", "recall"}``. :func:`pool_detection`
         combines several cases' results.
     """
-    pred_tumor, truth_tumor = _as_masks(pred_tumor, truth_tumor)
-    spacing = _spacing(spacing_mm, truth_tumor.ndim)
+    pred_tumor, truth_tumor = as_masks(pred_tumor, truth_tumor)
+    affine = checked_affine(affine)
+    voxel_mm3 = voxel_volume_mm3(affine)
     counts = _empty_detection()
     if pred_tumor.any() or truth_tumor.any():
         box = bounding_box(pred_tumor | truth_tumor, margin=0)
-        pred_labeled, counts["pred_lesions"] = lesions(pred_tumor[box], spacing, min_volume_mm3)
-        truth_labeled, counts["true_lesions"] = lesions(truth_tumor[box], spacing, min_volume_mm3)
+        pred_labeled, counts["pred_lesions"] = lesions(pred_tumor[box], voxel_mm3, min_volume_mm3)
+        truth_labeled, counts["true_lesions"] = lesions(truth_tumor[box], voxel_mm3, min_volume_mm3)
         found_ids = np.unique(truth_labeled[pred_labeled > 0])
         found_ids = set(found_ids[found_ids > 0].tolist())
         hit_ids = np.unique(pred_labeled[truth_labeled > 0])
         counts["found"] = len(found_ids)
         counts["true_positive"] = int((hit_ids > 0).sum())
-        in_plane = [s for axis, s in enumerate(spacing) if axis != axial_axis]
         for index, region in enumerate(ndimage.find_objects(truth_labeled), start=1):
             if region is None:
                 continue
-            lesion = np.moveaxis(truth_labeled[region] == index, axial_axis, -1)
-            largest = int(np.argmax(lesion.sum(axis=(0, 1))))
-            long_mm, _ = axial_diameters(lesion[..., largest], in_plane)
+            long_mm, _, _ = axial_diameters(truth_labeled[region] == index, affine)
             size = counts["by_size"][size_class(long_mm)]
             size["total"] += 1
             size["found"] += int(index in found_ids)
@@ -219,26 +158,3 @@ def _with_rates(counts: dict) -> dict:
 
 def _ratio(numerator: int, denominator: int) -> float:
     return numerator / denominator if denominator else float("nan")
-
-
-def _farthest_pair(points: np.ndarray) -> tuple[int, int]:
-    best, pair = -1.0, (0, 0)
-    for start in range(0, len(points), _PAIR_BLOCK):
-        block = points[start : start + _PAIR_BLOCK]
-        d2 = ((block[:, None, :] - points[None, :, :]) ** 2).sum(axis=-1)
-        flat = int(np.argmax(d2))
-        row, col = divmod(flat, len(points))
-        if d2[row, col] > best:
-            best, pair = float(d2[row, col]), (start + row, col)
-    return pair
-
-
-def _min_neighbour_distance(points: np.ndarray) -> float:
-    """Smallest distance between two distinct points (the in-plane voxel size of a grid)."""
-    best = np.inf
-    for start in range(0, len(points), _PAIR_BLOCK):
-        block = points[start : start + _PAIR_BLOCK]
-        d2 = ((block[:, None, :] - points[None, :, :]) ** 2).sum(axis=-1)
-        d2[d2 == 0] = np.inf
-        best = min(best, float(d2.min()))
-    return float(np.sqrt(best))

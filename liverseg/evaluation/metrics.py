@@ -19,6 +19,7 @@ import numpy as np
 from scipy import ndimage
 
 from liverseg.constants import DICE_CLASSES, LIVER, TUMOR
+from liverseg.geometry import checked_spacing
 
 
 def dice_score(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -31,7 +32,7 @@ def dice_score(pred: np.ndarray, truth: np.ndarray) -> float:
     Returns:
         Dice in [0, 1]; NaN when both masks are empty.
     """
-    pred, truth = _as_masks(pred, truth)
+    pred, truth = as_masks(pred, truth)
     total = int(pred.sum()) + int(truth.sum())
     if total == 0:
         return float("nan")
@@ -80,7 +81,7 @@ def volume_overlap_error(pred: np.ndarray, truth: np.ndarray) -> float:
     Returns:
         VOE in [0, 1] (0 is perfect); NaN when both masks are empty.
     """
-    pred, truth = _as_masks(pred, truth)
+    pred, truth = as_masks(pred, truth)
     union = int(np.logical_or(pred, truth).sum())
     if union == 0:
         return float("nan")
@@ -99,7 +100,7 @@ def relative_volume_difference(pred: np.ndarray, truth: np.ndarray) -> float:
     Returns:
         RVD as a fraction (0.1 = 10 % too large); NaN when the true mask is empty.
     """
-    pred, truth = _as_masks(pred, truth)
+    pred, truth = as_masks(pred, truth)
     truth_count = int(truth.sum())
     if truth_count == 0:
         return float("nan")
@@ -125,8 +126,8 @@ def surface_distances(
         ``(assd_mm, hd95_mm)``; both NaN when both masks are empty, both ``inf`` when exactly
         one is empty (no surface to measure to).
     """
-    pred, truth = _as_masks(pred, truth)
-    spacing = _spacing(spacing_mm, pred.ndim)
+    pred, truth = as_masks(pred, truth)
+    spacing = checked_spacing(spacing_mm, pred.ndim)
     has_pred, has_truth = bool(pred.any()), bool(truth.any())
     if not has_pred and not has_truth:
         return float("nan"), float("nan")
@@ -143,18 +144,16 @@ def surface_distances(
     return assd, hd95
 
 
-def _as_masks(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def as_masks(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two arrays as bool masks of one shape.
+
+    Raises:
+        ValueError: The shapes differ.
+    """
     pred, truth = np.asarray(pred, dtype=bool), np.asarray(truth, dtype=bool)
     if pred.shape != truth.shape:
         raise ValueError(f"prediction shape {pred.shape} differs from truth shape {truth.shape}")
     return pred, truth
-
-
-def _spacing(spacing_mm: Sequence[float], ndim: int) -> tuple[float, ...]:
-    spacing = tuple(float(s) for s in np.ravel(spacing_mm))
-    if len(spacing) != ndim or not all(np.isfinite(s) and s > 0 for s in spacing):
-        raise ValueError(f"expected {ndim} positive voxel sizes in mm, got {spacing_mm}")
-    return spacing
 
 
 def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...]:

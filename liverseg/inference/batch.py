@@ -1,12 +1,12 @@
 """``liverseg predict``: segment CT files or folders with a checkpoint and write a report per case.
 
 For each input case ``<id>`` the output folder receives ``<id>_seg.nii.gz`` (uint8 labels in the
-input's shape and affine), ``<id>_report.json`` (:func:`liverseg.evaluation.report.case_report`, with the
-input's HU) and a row of ``summary.csv``. Everything is written to a temporary name first, then
-renamed. One bad input is reported and skipped; the others are still processed.
+input's shape and affine), ``<id>_report.json`` (:func:`liverseg.evaluation.report.case_report`,
+with the input's HU) and a row of ``summary.csv``. Everything is written to a temporary name
+first, then renamed. One bad input is reported and skipped; the others are still processed.
 
 Inputs in the ``imagesTr``/``imagesTs`` folder of a root holding ``prepare.json`` were written by
-``liverseg prepare`` and are already reduced: they are predicted at their own resolution (zoom 1)
+``liverseg prepare`` and are already reduced: they are predicted at their own resolution
 whether or not ``prepared`` is passed, so they are never reduced twice.
 """
 
@@ -23,17 +23,15 @@ from pathlib import Path
 import nibabel as nib
 import torch
 
-from liverseg.checkpoints import load_model, predict_kwargs
-from liverseg.constants import HIDDEN_PREFIX
-from liverseg.data.cases import case_id_of, natural_key
+from liverseg.checkpoints import load_model
 from liverseg.data.prepare import RECORD_NAME, load_prepare_record
 from liverseg.evaluation.report import case_report
+from liverseg.inference.settings import InferenceSettings
 from liverseg.inference.volume import predict_volume
-from liverseg.io import atomic_path, read_volume, save_nifti
+from liverseg.io import atomic_path, case_id_of, list_nifti, natural_key, read_volume, save_nifti
 
 log = logging.getLogger(__name__)
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 # Folders of a Task03 root searched for inputs, in order.
 TASK03_IMAGE_FOLDERS = ("imagesTs", "imagesTr")
 SUMMARY_NAME = "summary.csv"
@@ -51,15 +49,6 @@ def safe_name(case_id: str) -> str:
     if name.startswith("."):
         name = "_" + name[1:]
     return name or "case"
-
-
-def _nifti_files(folder: Path) -> list[Path]:
-    files = [
-        p
-        for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(HIDDEN_PREFIX) and p.name.endswith(NIFTI_SUFFIXES)
-    ]
-    return sorted(files, key=lambda p: natural_key(p.name))
 
 
 def collect_inputs(inputs: Iterable[str | Path]) -> tuple[list[Path], list[Failure]]:
@@ -85,11 +74,11 @@ def collect_inputs(inputs: Iterable[str | Path]) -> tuple[list[Path], list[Failu
             (
                 path / sub
                 for sub in TASK03_IMAGE_FOLDERS
-                if (path / sub).is_dir() and _nifti_files(path / sub)
+                if (path / sub).is_dir() and list_nifti(path / sub)
             ),
             path,
         )
-        found = _nifti_files(folder)
+        found = list_nifti(folder)
         if not found:
             failures.append((path, "folder holds no .nii/.nii.gz file (nor imagesTs/, imagesTr/)"))
         files.extend(found)
@@ -127,8 +116,6 @@ def predict_paths(
     from tqdm import tqdm
 
     model, settings = load_model(checkpoint, device)
-    kwargs = predict_kwargs(settings, prepared=prepared)
-    reduced_kwargs = predict_kwargs(settings, prepared=True)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files, failures = collect_inputs(inputs)
@@ -151,13 +138,8 @@ def predict_paths(
             continue
         start = time.perf_counter()
         try:
-            case_kwargs = kwargs
-            if not prepared and _already_reduced(path, settings["factor"]):
-                case_kwargs = reduced_kwargs
-            report = predict_case(
-                model, path, name, outputs, case_kwargs, settings["min_tumor_mm3"],
-                provenance=settings["provenance"],
-            )  # fmt: skip
+            reduced = prepared or _already_reduced(path, settings.factor)
+            report = predict_case(model, path, name, outputs, settings, prepared=reduced)
         except Exception as exc:  # one bad case must not stop the others
             log.debug("prediction of %s failed", path, exc_info=True)
             message = str(exc).splitlines()[0] if str(exc) else ""
@@ -192,7 +174,7 @@ def prepare_record_of(path: str | Path) -> Path | None:
 
 
 def _already_reduced(path: Path, checkpoint_factor: int) -> bool:
-    """Whether ``path`` was written by ``liverseg prepare`` (then it is predicted at zoom 1).
+    """Whether ``path`` was written by ``liverseg prepare`` (then it is predicted as it is).
 
     Raises:
         DataError: The folder's ``prepare.json`` cannot be read.
@@ -203,7 +185,7 @@ def _already_reduced(path: Path, checkpoint_factor: int) -> bool:
     factor = load_prepare_record(record_path.parent)["factor"]
     log.info(
         "%s lies in a folder written by `liverseg prepare` (%s, factor %s): predicting it at "
-        "its own resolution (zoom 1), not reducing it again",
+        "its own resolution, not reducing it again",
         path,
         record_path,
         factor,
@@ -224,9 +206,8 @@ def predict_case(
     path: Path,
     case_id: str,
     outputs: tuple[Path, Path],
-    kwargs: dict,
-    min_tumor_mm3: float,
-    provenance: dict | None = None,
+    settings: InferenceSettings,
+    prepared: bool = False,
 ) -> dict:
     """Predict one CT file and write its segmentation and report; return the report.
 
@@ -235,19 +216,24 @@ def predict_case(
         path: The CT (HU).
         case_id: Name used in the report.
         outputs: ``(segmentation path, report path)``.
-        kwargs: :func:`liverseg.inference.volume.predict_volume` settings (see ``predict_kwargs``).
-        min_tumor_mm3: Smallest lesion counted in the report.
-        provenance: Which model predicted (checkpoint path, epoch, version); stored in the
-            report as ``model``.
+        settings: How to predict; ``settings.min_lesion_mm3`` is the smallest lesion the report
+            counts and ``settings.provenance`` (which checkpoint) is stored as its ``model``.
+        prepared: ``path`` was already reduced by ``liverseg prepare``.
     """
     hu, affine = read_volume(path)
-    prediction = predict_volume(model, nib.Nifti1Image(hu, affine), progress=True, **kwargs)
+    prediction = predict_volume(
+        model, nib.Nifti1Image(hu, affine), settings, prepared=prepared, progress=True
+    )
     report = case_report(
-        prediction.labels, affine, image_hu=hu, min_tumor_mm3=min_tumor_mm3, case_id=case_id
+        prediction.labels,
+        affine,
+        image_hu=hu,
+        min_tumor_mm3=settings.min_lesion_mm3,
+        case_id=case_id,
     )
     report["input"] = str(path)
-    if provenance is not None:
-        report["model"] = dict(provenance)
+    if settings.provenance is not None:
+        report["model"] = dict(settings.provenance)
     seg_path, report_path = outputs
     save_nifti(prediction.labels, affine, seg_path)
     with atomic_path(report_path) as tmp:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from liverseg.training.losses import to_labels
+from liverseg.labels import to_labels
 
 # Output slices interpolated and decoded at a time when zoom > 1: bounds the float32 memory of
 # the full-resolution probabilities to a few slices.
@@ -28,7 +28,7 @@ def upsample_and_decode(
         shape: The input's ``(W, H, D)`` in voxels.
         zoom: The integer reduction of the input (1: none, the probabilities are decoded as they
             are).
-        head: ``"regions"`` or ``"softmax"`` (see :mod:`liverseg.training.losses`).
+        head: ``"regions"`` or ``"softmax"`` (see :mod:`liverseg.labels`).
         keep: Also return the probabilities on the input grid.
 
     Returns:
@@ -56,7 +56,8 @@ def _linear_weights(n: int, zoom: int) -> tuple[torch.Tensor, torch.Tensor, torc
     """Per input voxel along one axis: reduced neighbours (i0, i1) and weight of i1.
 
     Reduced voxel ``i`` has its centre at input coordinate ``min(i*zoom + (zoom-1)/2, n-1)``
-    (liverseg.data.downsampling's block-centre grid); outside the first/last centre the value is held.
+    (:mod:`liverseg.data.downsampling`'s block-centre grid); outside the first/last centre the
+    value is held.
     """
     centres = np.minimum(np.arange(-(-n // zoom)) * zoom + (zoom - 1) / 2, n - 1)
     x = np.arange(n, dtype=np.float64)

@@ -1,7 +1,7 @@
 """The preprocessing cache: each training case preprocessed once into memory-mapped ``.npy`` files.
 
-Preprocessing (identical to inference's): reorient to canonical RAS, clip to a fixed HU window and
-map it to (-1, 1) (:func:`liverseg.preprocessing.intensity_transform`), then CropOrPad to
+Preprocessing (inference's own, :mod:`liverseg.preprocessing`): reorient to canonical RAS, clip to
+a fixed HU window and map it to (-1, 1), then CropOrPad to
 ``data.shape`` centred on the liver, so no liver slice is cut. It runs once per case and is cached
 as uncompressed ``.npy`` arrays that the workers memory-map, keyed by the preprocessing settings and
 the source files' size and mtime.
@@ -16,15 +16,17 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from liverseg.constants import BACKGROUND
-from liverseg.data.cases import Case, label_affine_matches
+from liverseg.data.cases import Case
 from liverseg.errors import DataError
-from liverseg.io import atomic_path, read_volume
+from liverseg.geometry import label_affine_matches, spacing_mm
+from liverseg.io import atomic_path, read_labels, read_volume
+from liverseg.preprocessing import scale_hu, to_canonical
 
-CACHE_VERSION = 1
+# 2: spacing from the affine (liverseg.geometry), no longer the header's float32 zooms.
+CACHE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -61,12 +63,13 @@ def _liver_centred_window(label: np.ndarray, shape: Sequence[int]) -> list[slice
 
 
 def _load_aligned(case: Case, tolerance_mm: float, copy_geometry: bool) -> tuple:
-    """Image (HU, stored dtype) and label as canonical nibabel images sharing the image's affine.
+    """Image (HU, stored dtype) and uint8 label in canonical orientation, and the image's affine.
 
-    Both are read as 3D (a trailing singleton 4th axis is dropped), never as float64 copies.
+    Both are read as 3D (a trailing singleton 4th axis is dropped), never as float64 copies; the
+    label takes the image's geometry (checked to agree, or ``copy_geometry``).
     """
     hu, affine = read_volume(case.image)
-    labels, label_affine = read_volume(case.label)
+    labels, label_affine = read_labels(case.label)
     if not label_affine_matches(affine, label_affine, tolerance_mm) and not copy_geometry:
         raise DataError(
             f"{case.label}: affine differs from its image's by more than {tolerance_mm} mm; "
@@ -77,9 +80,9 @@ def _load_aligned(case: Case, tolerance_mm: float, copy_geometry: bool) -> tuple
             f"{case.label}: shape {labels.shape} differs from its image's {hu.shape}; "
             "run `liverseg check`"
         )
-    image = nib.as_closest_canonical(nib.Nifti1Image(hu, affine))
-    label = nib.as_closest_canonical(nib.Nifti1Image(labels.astype(np.uint8), affine))
-    return image, label
+    canonical_hu, ras_affine = to_canonical(hu, affine)
+    canonical_labels, _ = to_canonical(labels, affine)
+    return canonical_hu, canonical_labels, ras_affine
 
 
 def preprocess_case(case: Case, cache_dir: Path, settings: dict) -> CachedCase:
@@ -101,20 +104,17 @@ def preprocess_case(case: Case, cache_dir: Path, settings: dict) -> CachedCase:
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         return CachedCase(case.case_id, image_path, label_path, tuple(meta["spacing_mm"]))
-    image, label = _load_aligned(
+    hu, labels, ras_affine = _load_aligned(
         case, settings["affine_tolerance_mm"], settings["copy_label_geometry"]
     )
-    labels = np.asarray(label.dataobj).astype(np.uint8)
     window = tuple(_liver_centred_window(labels, settings["shape"]))
-    hu = np.asarray(image.dataobj[window], dtype=np.float32)
+    scaled = scale_hu(hu[window], settings["hu_min"], settings["hu_max"])
     labels = labels[window]
-    lo, hi = settings["hu_min"], settings["hu_max"]
-    scaled = (np.clip(hu, lo, hi) - lo) / (hi - lo) * 2.0 - 1.0
     target = [max(s, n, settings["min_size"]) for s, n in zip(settings["shape"], labels.shape)]
     pads = [((t - n) // 2, t - n - (t - n) // 2) for t, n in zip(target, labels.shape)]
     scaled = np.pad(scaled, pads, constant_values=-1.0).astype(np.float16)
     labels = np.pad(labels, pads, constant_values=BACKGROUND)
-    spacing = tuple(float(s) for s in image.header.get_zooms()[:3])
+    spacing = spacing_mm(ras_affine)
     for path, array in ((image_path, scaled), (label_path, labels)):
         with atomic_path(path) as tmp:
             np.save(tmp, array)

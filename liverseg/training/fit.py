@@ -2,8 +2,8 @@
 
 The run folder holds the resolved ``config.yaml``, ``split.json``, ``metrics.csv`` (one row per
 epoch), ``curves.png`` and ``checkpoints/{last,best}.pt``. What is checked before training starts
-lives in :mod:`liverseg.training.preflight`, the epoch record in :mod:`liverseg.training.history`, what a
-checkpoint holds in :mod:`liverseg.checkpoints`.
+lives in :mod:`liverseg.training.preflight`, the epoch record in :mod:`liverseg.training.history`,
+what a checkpoint holds in :mod:`liverseg.checkpoints`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 import torchio as tio
@@ -23,35 +22,59 @@ from tqdm import tqdm
 
 from liverseg.checkpoints import (
     build_model,
+    inference_settings,
+    preprocessing_record,
     restore_training_state,
     save_checkpoint,
     training_state,
 )
-from liverseg.config import Config, save_config
+from liverseg.config import Config, check_config, save_config
 from liverseg.constants import CASE_ID, DICE_CLASSES, IMAGE, LABEL
 from liverseg.data.cases import Case
-from liverseg.devices import resolve_device, training_dtype, training_layout
+from liverseg.data.splits import load_or_create_split
+from liverseg.devices import autocast_dtype, resolve_device, training_layout
 from liverseg.errors import CheckpointError, TrainingError
 from liverseg.evaluation.metrics import case_dice
-from liverseg.inference.postprocess import Postprocess
+from liverseg.inference.settings import InferenceSettings
 from liverseg.inference.volume import predict_volume
-from liverseg.preprocessing import preprocessing_settings
+from liverseg.io import read_labels
+from liverseg.labels import head_for_loss
 from liverseg.training.cache import build_cache
 from liverseg.training.history import metrics_row, plot_curves, read_metrics, write_metrics
-from liverseg.training.loader import PatchSettings, build_loader, load_or_create_split
-from liverseg.training.losses import compute_loss, head_for_loss
+from liverseg.training.loader import PatchSettings, build_loader
+from liverseg.training.losses import compute_loss
 from liverseg.training.lr_schedules import learning_rate
-from liverseg.training.preflight import check_config, find_training_cases, resume_state
+from liverseg.training.preflight import find_training_cases, resume_state
 
 log = logging.getLogger(__name__)
 
 
+def _batches(loader, count: int):
+    """Yield exactly ``count`` batches of ``loader``, starting a new pass whenever one ends.
+
+    Each new pass is a new ``iter(loader)``: the ``tio.Queue`` refills from the subjects. The last
+    pass stops as soon as ``count`` is reached, without drawing a batch more.
+    """
+    yielded = 0
+    while yielded < count:
+        before = yielded
+        for batch in loader:
+            yield batch
+            yielded += 1
+            if yielded == count:
+                return
+        assert yielded > before, "the training loader yielded no batch"
+
+
 def train_one_epoch(model, loader, optimizer, scaler, *, epoch, config, device, dtype) -> float:
-    """One pass over the queue; returns the mean finite loss. Non-finite losses skip the step."""
+    """``train.iterations_per_epoch`` iterations (0: one pass over the queue); the mean finite loss.
+
+    A non-finite loss skips its optimizer step but still counts as an iteration.
+    """
     model.train()
     total, count, bad_in_row = 0.0, 0, 0
     limit = config.train.iterations_per_epoch or len(loader)
-    bar = tqdm(loader, total=limit, desc=f"epoch {epoch}", unit="it", leave=False)
+    bar = tqdm(_batches(loader, limit), total=limit, desc=f"epoch {epoch}", unit="it", leave=False)
     layout = training_layout(device, dtype)
     for iteration, batch in enumerate(bar, start=1):
         image = batch[IMAGE][tio.DATA].to(device, non_blocking=True, memory_format=layout)
@@ -69,8 +92,6 @@ def train_one_epoch(model, loader, optimizer, scaler, *, epoch, config, device, 
                     f"{iteration} (cases in the batch: {', '.join(batch[CASE_ID])}); lower "
                     "train.lr, check those cases with `liverseg check`, or set train.amp=off"
                 )
-            if iteration >= limit:
-                break
             continue
         bad_in_row = 0
         scaler.scale(loss).backward()
@@ -78,33 +99,19 @@ def train_one_epoch(model, loader, optimizer, scaler, *, epoch, config, device, 
         scaler.update()
         total, count = total + loss.item(), count + 1
         bar.set_postfix(loss=f"{total / count:.4f}")
-        if iteration >= limit:
-            break
     return total / count if count else math.nan
 
 
-def validate(model, cases: list[Case], config: Config, device) -> dict[str, float]:
-    """Predict whole validation volumes with the users' inference routine; mean Dice per class."""
+def validate(model, cases: list[Case], settings: InferenceSettings, device) -> dict[str, float]:
+    """Predict whole validation volumes with the users' inference routine; mean Dice per class.
+
+    The cases are at the training resolution, so they are predicted as ``prepared``: exactly
+    what ``liverseg predict --prepared`` and ``liverseg evaluate`` compute from ``settings``.
+    """
     scores = {c: [] for c in DICE_CLASSES}
-    inference = config.inference
     for case in tqdm(cases, desc="validate", unit="case", leave=False):
-        prediction = predict_volume(
-            model,
-            case.image,
-            hu_min=config.data.hu_min,
-            hu_max=config.data.hu_max,
-            head=head_for_loss(config.train.loss),
-            patch_size=config.data.patch_size,
-            overlap=inference.overlap,
-            batch_size=inference.batch_size,
-            blending=inference.blending,
-            device=device,
-            amp=inference.amp,
-            postprocess=Postprocess(
-                inference.keep_largest_liver, inference.tumor_inside_liver, inference.min_tumor_mm3
-            ),
-        )
-        truth = np.asarray(nib.load(str(case.label)).dataobj).astype(np.uint8)
+        prediction = predict_volume(model, case.image, settings, prepared=True, device=device)
+        truth, _ = read_labels(case.label)
         for name, value in case_dice(prediction.labels, truth).items():
             scores[name].append(value)
         log.info("validation %s: %s", case.case_id, {k: round(v[-1], 4) for k, v in scores.items()})
@@ -184,8 +191,8 @@ def record_epoch(
     """Leave an epoch on disk: ``metrics.csv``, then its checkpoints, then ``curves.png``.
 
     ``metrics.csv`` comes before the checkpoints: a kill between the two leaves a row the resumed
-    run drops and redoes (:func:`liverseg.training.history.read_metrics`), never a checkpointed epoch
-    without its row.
+    run drops and redoes (:func:`liverseg.training.history.read_metrics`), never a checkpointed
+    epoch without its row.
 
     Args:
         run_dir: The run folder.
@@ -216,7 +223,7 @@ def fit(config: Config) -> dict:
     seed_everything(config.train.seed)
 
     device = resolve_device(config.train.device)
-    dtype = training_dtype(config.train.amp, device)
+    dtype = autocast_dtype(config.train.amp, device)
     model, optimizer, scaler = build_training_state(config, device, dtype)
     start_epoch, best_metric, rows = 1, -math.inf, []
     if checkpoint is not None:
@@ -227,9 +234,10 @@ def fit(config: Config) -> dict:
 
     cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else run_dir / "cache"
     loader = build_training_loader(config, train_cases, cache_dir, device.type == "cuda")
-    preprocessing = preprocessing_settings(
+    preprocessing = preprocessing_record(
         config.data.hu_min, config.data.hu_max, config.data.factor, head_for_loss(config.train.loss)
     )
+    settings = inference_settings(config, preprocessing)
     scores: dict[str, float] = {}
     for epoch in tqdm(
         range(start_epoch, config.train.epochs + 1),
@@ -249,7 +257,7 @@ def fit(config: Config) -> dict:
         validating = val_cases and (
             epoch % config.train.val_every == 0 or epoch == config.train.epochs
         )
-        scores = validate(model, val_cases, config, device) if validating else {}
+        scores = validate(model, val_cases, settings, device) if validating else {}
         rows.append(metrics_row(epoch, loss, optimizer.param_groups[0]["lr"], scores, started))
         score = selection_score(scores)
         improved = math.isfinite(loss) and math.isfinite(score) and score > best_metric

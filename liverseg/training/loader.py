@@ -1,73 +1,26 @@
-"""The training data pipeline: split, tio.Subject over the cache, patch sets, tio.Queue, loader.
+"""The training data pipeline: tio.Subject over the cache, patch sets, tio.Queue, DataLoader.
 
-Each case is preprocessed once into a cache of memory-mapped arrays (:mod:`liverseg.training.cache`); the
-DataLoader workers cut each volume's patches (:mod:`liverseg.training.patches`), and a ``tio.Queue`` mixes
-them across volumes into batches.
+Each case is preprocessed once into a cache of memory-mapped arrays
+(:mod:`liverseg.training.cache`); the DataLoader workers cut each volume's patches
+(:mod:`liverseg.training.patches`), and a ``tio.Queue`` mixes them across volumes into batches.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import random
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torchio as tio
 
 from liverseg.constants import CASE_ID, IMAGE, LABEL
-from liverseg.errors import DataError
-from liverseg.io import atomic_path
 from liverseg.training.cache import CachedCase
 from liverseg.training.patches import extract_patch, random_affine_matrix, sample_centres
 
 log = logging.getLogger(__name__)
-
-
-def load_or_create_split(
-    path: Path, case_ids: Sequence[str], num_train: int, seed: int, split_file: str | None = None
-) -> dict[str, list[str]]:
-    """The train/validation split: read from ``split_file`` or ``path``, else a seeded shuffle.
-
-    The split is written once to ``path`` and reused on every later run (and on resume), so the
-    validation cases never leak into training.
-
-    Args:
-        path: ``<run dir>/split.json``.
-        case_ids: Every training case id found in the dataset.
-        num_train: Cases for training; the rest validate.
-        seed: Seed of the shuffle.
-        split_file: A split.json to use verbatim instead.
-
-    Returns:
-        ``{"train": [...], "val": [...]}``.
-    """
-    source = Path(split_file) if split_file else path
-    if source.is_file():
-        split = json.loads(source.read_text())
-        unknown = sorted(set(split.get("train", []) + split.get("val", [])) - set(case_ids))
-        if unknown or not split.get("train"):
-            raise DataError(
-                f"{source}: split names cases not in the dataset ({', '.join(unknown[:10])})"
-                " or has no training case; delete it or fix data.root"
-            )
-    else:
-        if not 0 < num_train < len(case_ids):
-            raise DataError(
-                f"data.num_train={num_train} but the dataset holds {len(case_ids)} cases; "
-                f"set data.num_train between 1 and {len(case_ids) - 1}"
-            )
-        shuffled = sorted(case_ids)
-        random.Random(seed).shuffle(shuffled)
-        split = {"train": sorted(shuffled[:num_train]), "val": sorted(shuffled[num_train:])}
-    if source != path or not path.is_file():
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(split, indent=1))
-    return split
 
 
 def build_subject(cached: CachedCase) -> tio.Subject:

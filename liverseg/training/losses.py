@@ -1,28 +1,9 @@
-"""Training losses, and THE one place where network outputs become label maps.
+"""Training losses of the two output heads (:mod:`liverseg.labels` defines the heads).
 
-The labels are nested: every TUMOR voxel lies inside the liver, so "liver including tumor"
-(label in {LIVER, TUMOR}) contains "tumor" (label == TUMOR). The network has one of two output
-heads, chosen by the loss (:func:`head_for_loss`):
-
-``"regions"`` (losses ``bce``, ``bce_dice``; the default)
-    Two sigmoid channels, one per nested region, as in nnU-Net's region-based training:
-    channel 0 = liver region (label in {LIVER, TUMOR}), channel 1 = tumor region
-    (label == TUMOR). Each channel is an independent binary problem, which is what binary cross
-    entropy fits; the overlap of the two regions is intended, not a conflict.
-
-``"softmax"`` (losses ``ce``, ``ce_dice``)
-    Three mutually exclusive softmax channels in :data:`SOFTMAX_CLASSES` order: background,
-    liver (excluding tumor), tumor.
-
-Decoding (:func:`to_labels`):
-
-- regions: a voxel is LIVER where ``p_liver_region > threshold`` and TUMOR where in addition
-  ``p_tumor > threshold``. A high tumor probability outside the liver region is background:
-  tumor is only ever predicted inside the liver.
-- softmax: the class of the largest probability.
-
-Every other module (training, validation, inference, notebooks) goes through
-:func:`to_probabilities` and :func:`to_labels` rather than thresholding or taking an argmax itself.
+- ``bce`` / ``bce_dice``: the ``"regions"`` head, binary cross entropy on the two nested regions
+  (liver including tumor, tumor), plus a soft Dice term for ``bce_dice``;
+- ``ce`` / ``ce_dice``: the ``"softmax"`` head, cross entropy over background, liver and tumor,
+  plus a soft Dice term on liver and tumor for ``ce_dice``.
 
 Losses are computed in float32 even when the logits come from autocast (bf16/fp16). The Dice
 terms are "batch Dice" (nnU-Net): sums run over the batch and all voxels before the ratio, with a
@@ -36,43 +17,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from liverseg.constants import BACKGROUND, LABEL_VALUES, LIVER, TUMOR
-
-LOSSES = ("bce", "bce_dice", "ce", "ce_dice")
-HEADS = ("regions", "softmax")
-# Region channels of the "regions" head: each is the set of label values it contains.
-REGIONS = ((LIVER, TUMOR), (TUMOR,))
-# Class of each channel of the "softmax" head.
-SOFTMAX_CLASSES = (BACKGROUND, LIVER, TUMOR)
-
-_HEAD_OF_LOSS = {"bce": "regions", "bce_dice": "regions", "ce": "softmax", "ce_dice": "softmax"}
-
-
-def head_for_loss(name: str) -> str:
-    """The output head a loss trains.
-
-    Args:
-        name: One of :data:`LOSSES`.
-
-    Returns:
-        ``"regions"`` for ``bce``/``bce_dice``, ``"softmax"`` for ``ce``/``ce_dice``.
-
-    Raises:
-        ValueError: For an unknown loss name; the message lists the choices.
-    """
-    if name not in _HEAD_OF_LOSS:
-        raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
-    return _HEAD_OF_LOSS[name]
-
-
-def out_channels(head: str) -> int:
-    """Number of network output channels of a head: 2 for ``"regions"``, 3 for ``"softmax"``.
-
-    Raises:
-        ValueError: For an unknown head; the message lists the choices.
-    """
-    _check_head(head)
-    return len(REGIONS) if head == "regions" else len(SOFTMAX_CLASSES)
+from liverseg.constants import LABEL_VALUES, LIVER, TUMOR
+from liverseg.labels import REGIONS, SOFTMAX_CLASSES, check_channels, head_for_loss
 
 
 def regions_from_labels(label: torch.Tensor) -> torch.Tensor:
@@ -88,52 +34,6 @@ def regions_from_labels(label: torch.Tensor) -> torch.Tensor:
     """
     values = _label_values(label)
     return torch.cat([_isin(values, region) for region in REGIONS], dim=1).float()
-
-
-def to_probabilities(logits: torch.Tensor, head: str) -> torch.Tensor:
-    """Per-channel probabilities from logits: sigmoid (``"regions"``) or softmax (``"softmax"``).
-
-    Args:
-        logits: ``(B, C, W, H, D)`` or a single volume ``(C, W, H, D)``.
-        head: ``"regions"`` or ``"softmax"``.
-
-    Returns:
-        Probabilities of the same shape and dtype.
-    """
-    _check_head(head)
-    if head == "regions":
-        return torch.sigmoid(logits)
-    return torch.softmax(logits, dim=_channel_dim(logits))
-
-
-def to_labels(probabilities: torch.Tensor, head: str, threshold: float = 0.5) -> torch.Tensor:
-    """Decode probabilities into a label map (the rule in this module's docstring).
-
-    Args:
-        probabilities: ``(B, C, W, H, D)`` or a single volume ``(C, W, H, D)``, from
-            :func:`to_probabilities`.
-        head: ``"regions"`` (C = 2) or ``"softmax"`` (C = 3).
-        threshold: Region probability above which a voxel belongs to a region (``"regions"``
-            only).
-
-    Returns:
-        uint8 labels in {BACKGROUND, LIVER, TUMOR}, shape ``(B, W, H, D)`` or ``(W, H, D)``.
-
-    Raises:
-        ValueError: For an unknown head or a channel count that does not match it.
-    """
-    dim = _channel_dim(probabilities)
-    _check_channels(probabilities.shape[dim], head, "probabilities")
-    if head == "softmax":
-        classes = torch.tensor(SOFTMAX_CLASSES, dtype=torch.uint8, device=probabilities.device)
-        return classes[probabilities.argmax(dim=dim)]
-    p_liver, p_tumor = probabilities.unbind(dim=dim)
-    liver = p_liver > threshold
-    tumor = liver & (p_tumor > threshold)
-    labels = torch.full(liver.shape, BACKGROUND, dtype=torch.uint8, device=probabilities.device)
-    labels[liver] = LIVER
-    labels[tumor] = TUMOR
-    return labels
 
 
 def soft_dice_loss(
@@ -212,7 +112,7 @@ def compute_loss(
             f"expected logits (B, C, W, H, D) and label (B, 1, W, H, D), got "
             f"{tuple(logits.shape)} and {tuple(label.shape)}"
         )
-    _check_channels(logits.shape[1], head, "logits")
+    check_channels(logits.shape[1], head, "logits")
     if logits.shape[0] != label.shape[0] or logits.shape[2:] != label.shape[2:]:
         raise ValueError(
             f"logits {tuple(logits.shape)} and label {tuple(label.shape)} differ in batch or "
@@ -250,25 +150,3 @@ def _label_values(label: torch.Tensor) -> torch.Tensor:
 
 def _isin(values: torch.Tensor, members: tuple[int, ...]) -> torch.Tensor:
     return torch.isin(values, torch.tensor(members, device=values.device))
-
-
-def _channel_dim(tensor: torch.Tensor) -> int:
-    if tensor.ndim == 5:
-        return 1
-    if tensor.ndim == 4:
-        return 0
-    raise ValueError(f"expected (B, C, W, H, D) or (C, W, H, D), got shape {tuple(tensor.shape)}")
-
-
-def _check_head(head: str) -> None:
-    if head not in HEADS:
-        raise ValueError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
-
-
-def _check_channels(channels: int, head: str, what: str) -> None:
-    expected = out_channels(head)
-    if channels != expected:
-        raise ValueError(
-            f"the {head!r} head has {expected} channels, but {what} have {channels}; "
-            "was the model built for another loss?"
-        )

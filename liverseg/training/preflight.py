@@ -1,9 +1,9 @@
-"""What ``fit()`` checks before it spends time: the config, the dataset, the run to resume.
+"""What ``fit()`` checks before it spends time: the dataset and the run to resume.
 
-Each check raises with what was expected, what was found and how to fix it: config values that
-would only fail after the dataset check and cache build (:func:`check_config`), the dataset at
+Each check raises with what was expected, what was found and how to fix it: the dataset at
 ``data.root`` with every problem gathered (:func:`find_training_cases`), and a last checkpoint whose
-model/data config differs from the current one (:func:`resume_state`).
+model/data config differs from the current one (:func:`resume_state`). The config's own values
+were checked when it was built (:func:`liverseg.config.check_config`).
 """
 
 from __future__ import annotations
@@ -13,13 +13,10 @@ from pathlib import Path
 
 from liverseg.checkpoints import load_checkpoint
 from liverseg.config import Config, diff_configs, to_dict
-from liverseg.data.cases import Case, check_dataset, find_cases
+from liverseg.data.cases import Case, find_cases
+from liverseg.data.checks import check_dataset
 from liverseg.data.problems import raise_for_errors
-from liverseg.devices import AMP_MODES
-from liverseg.errors import ConfigError, DataError, LiversegError, TrainingError
-from liverseg.model import NORMS
-from liverseg.training.losses import LOSSES
-from liverseg.training.lr_schedules import LR_SCHEDULES
+from liverseg.errors import DataError, TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -30,42 +27,6 @@ RESUMABLE_CHANGES = ("root", "cache_dir", "num_workers", "queue_length")
 
 def _without(section: dict, keys: tuple[str, ...]) -> dict:
     return {k: v for k, v in section.items() if k not in keys}
-
-
-def check_config(config: Config) -> None:
-    """Refuse settings that would only fail after the dataset check and cache build.
-
-    Raises:
-        ConfigError: naming the key, the value and what is allowed.
-    """
-    data, model = config.data, config.model
-    problems = []
-    if not data.hu_max > data.hu_min:
-        problems.append(f"data.hu_max ({data.hu_max}) must exceed data.hu_min ({data.hu_min})")
-    if config.train.loss not in LOSSES:
-        problems.append(f"train.loss={config.train.loss!r}: choose one of {', '.join(LOSSES)}")
-    if model.norm not in NORMS:
-        problems.append(f"model.norm={model.norm!r}: choose one of {', '.join(NORMS)}")
-    if config.train.lr_schedule not in LR_SCHEDULES:
-        problems.append(
-            f"train.lr_schedule={config.train.lr_schedule!r}: choose one of "
-            + ", ".join(LR_SCHEDULES)
-        )
-    if config.train.amp not in AMP_MODES:
-        problems.append(f"train.amp={config.train.amp!r}: choose one of {', '.join(AMP_MODES)}")
-    if not 0 <= model.deep_supervision <= len(model.features) - 2:
-        problems.append(
-            f"model.deep_supervision={model.deep_supervision} must be in "
-            f"[0, {max(len(model.features) - 2, 0)}] for model.features={list(model.features)}"
-        )
-    multiple = 2 ** (len(model.features) - 1)
-    if len(model.features) < 2 or data.patch_size % multiple:
-        problems.append(
-            f"data.patch_size={data.patch_size} must be a multiple of {multiple} for "
-            f"model.features={list(model.features)}"
-        )
-    if problems:
-        raise ConfigError("invalid config: " + "; ".join(problems))
 
 
 def find_training_cases(config: Config) -> list[Case]:
@@ -109,11 +70,12 @@ def find_training_cases(config: Config) -> list[Case]:
 
 
 def resume_state(config: Config, last: Path) -> dict | None:
-    """The checkpoint to continue from, or None; refuses a model/data config that changed."""
+    """The checkpoint to continue from, or None; refuses a model/data config that changed.
+
+    ``train.resume`` is ``"auto"`` or ``"never"``: the config refuses anything else when it loads.
+    """
     if config.train.resume == "never" or not last.exists():
         return None
-    if config.train.resume != "auto":
-        raise LiversegError(f"train.resume must be auto or never, got {config.train.resume!r}")
     checkpoint = load_checkpoint(last)
     saved, current = checkpoint["config"], to_dict(config)
     changes = [

@@ -12,17 +12,12 @@ import pytest
 import liverseg.data.checks
 from liverseg.cli import main
 from liverseg.constants import LIVER, TUMOR
-from liverseg.data.cases import (
-    Case,
-    MissingTestFolderError,
-    check_case,
-    check_dataset,
-    find_cases,
-    label_affine_matches,
-)
+from liverseg.data.cases import Case, MissingTestFolderError, find_cases
+from liverseg.data.checks import check_case, check_dataset
 from liverseg.data.downsampling import downsampled_affine
 from liverseg.data.problems import format_problems, has_errors, raise_for_errors
 from liverseg.errors import DataError
+from liverseg.geometry import label_affine_matches
 
 SHAPE = (24, 20, 16)
 AFFINE = np.array(

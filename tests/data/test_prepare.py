@@ -1,4 +1,4 @@
-"""liverseg.data.downsampling and .prepare: halving a Task03 folder; geometry, tumors, resume, errors."""
+"""data.downsampling and data.prepare: halving a Task03 folder; geometry, tumors, resume, errors."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import pytest
 from liverseg.cli import main
 from liverseg.constants import BACKGROUND, LABEL_VALUES, LIVER, TUMOR
 from liverseg.data import prepare
-from liverseg.data.cases import check_dataset, find_cases
+from liverseg.data.cases import find_cases
+from liverseg.data.checks import check_dataset
 from liverseg.data.downsampling import (
     downsample_case,
     downsample_image,
@@ -215,7 +216,7 @@ def test_label_affine_float_noise_takes_the_image_affine(tmp_path):
 def test_unreadable_image_names_the_file(tmp_path):
     bad = tmp_path / "liver_9.nii.gz"
     bad.write_bytes(b"\x00\x05\x16\x07 AppleDouble junk")
-    with pytest.raises(DataError, match=r"liver_9\.nii\.gz: cannot read it as NIfTI"):
+    with pytest.raises(DataError, match=r"liver_9\.nii\.gz: cannot read it as a NIfTI"):
         downsample_case(bad, None, tmp_path / "o.nii.gz", None, 2)
     assert not (tmp_path / "o.nii.gz").exists()
 
@@ -372,7 +373,7 @@ def test_unreadable_case_is_named_and_the_others_are_written(tmp_path, capsys):
     assert main(["prepare", str(src), str(out), "--workers", "1"]) == 2
     err = capsys.readouterr().err
     assert "2 of 4 cases failed" in err
-    assert f"{src / 'imagesTr' / 'liver_1.nii.gz'}: cannot read it as NIfTI" in err
+    assert f"{src / 'imagesTr' / 'liver_1.nii.gz'}: cannot read it as a NIfTI" in err
     assert f"{src / 'labelsTr' / 'liver_2.nii.gz'}: not found" in err
     assert sorted(load_prepare_record(out)["cases"]) == ["liver_0", "liver_3"]
     assert (out / "imagesTr" / "liver_0.nii.gz").is_file()

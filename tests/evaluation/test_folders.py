@@ -13,9 +13,10 @@ import pytest
 
 from liverseg.cli import main
 from liverseg.constants import BACKGROUND, LIVER, TUMOR
+from liverseg.data.splits import validation_cases
 from liverseg.errors import DataError
-from liverseg.evaluation.folders import _load_labels, evaluate_folders, pair_cases, validation_cases
-from liverseg.io import save_nifti
+from liverseg.evaluation.folders import evaluate_folders, pair_cases
+from liverseg.io import read_labels, save_nifti
 
 AFFINE = np.diag([1.5, 0.8, 2.0, 1.0])
 SHAPE = (12, 12, 8)
@@ -128,7 +129,7 @@ def test_flat_truth_folder_and_labels_keep_their_dtype(folders, tmp_path):
     preds, root = folders
     pairs = pair_cases(preds, root / "labelsTr")
     assert list(pairs) == ["liver_0", "liver_1"]
-    assert _load_labels(pairs["liver_0"][1]).dtype == np.uint8
+    assert read_labels(pairs["liver_0"][1])[0].dtype == np.uint8
 
 
 def test_missing_and_extra_cases_are_all_listed(folders):

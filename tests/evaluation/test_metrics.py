@@ -11,8 +11,6 @@ from scipy import ndimage
 
 from liverseg.constants import BACKGROUND, LIVER, TUMOR
 from liverseg.evaluation.lesions import (
-    axial_diameters,
-    chord_diameters,
     lesion_detection,
     lesions,
     pool_detection,
@@ -26,6 +24,15 @@ from liverseg.evaluation.metrics import (
     surface_distances,
     volume_overlap_error,
 )
+from liverseg.geometry import axial_diameters, chord_diameters
+
+
+def _slice_diameters(mask_2d: np.ndarray, spacing_2d: tuple[float, float]) -> tuple[float, float]:
+    """Diameters of a 2D mask taken as the one axial slice of a volume (axis 2 axial)."""
+    affine = np.diag([*spacing_2d, 5.0, 1.0])
+    long_mm, short_mm, index = axial_diameters(mask_2d[..., None], affine)
+    assert index == 0
+    return long_mm, short_mm
 
 
 def _cube(shape, start, size) -> np.ndarray:
@@ -126,15 +133,15 @@ def test_lesions_use_26_connectivity_and_a_volume_threshold():
     mask[1, 1, 1] = mask[2, 2, 2] = True  # corner-touching: one lesion of 2 voxels
     mask[6:8, 6, 6] = True
     mask[7, 7, 6] = True  # three voxels
-    labeled, count = lesions(mask, (2.0, 1.0, 1.0))
+    labeled, count = lesions(mask, 2.0)
     assert count == 2
     assert labeled[1, 1, 1] == labeled[2, 2, 2] != 0
     assert sorted(np.bincount(labeled.ravel())[1:].tolist()) == [2, 3]
     # voxel volume 2 mm^3: sizes 4 and 6 mm^3
-    assert lesions(mask, (2.0, 1.0, 1.0), min_volume_mm3=6.0)[1] == 1
-    kept, count = lesions(mask, (2.0, 1.0, 1.0), min_volume_mm3=6.1)
+    assert lesions(mask, 2.0, min_volume_mm3=6.0)[1] == 1
+    kept, count = lesions(mask, 2.0, min_volume_mm3=6.1)
     assert count == 0 and not kept.any()
-    kept, count = lesions(mask, (2.0, 1.0, 1.0), min_volume_mm3=5.0)
+    kept, count = lesions(mask, 2.0, min_volume_mm3=5.0)
     assert count == 1 and kept[7, 7, 6] == 1 and kept[1, 1, 1] == 0
 
 
@@ -145,7 +152,7 @@ def test_rectangle_diameters_by_hand():
     # one 0.8 mm voxel) and spans 2.4 * 13.5 / 13.71 mm across it.
     mask = np.zeros((14, 8), dtype=bool)
     mask[2:12, 2:6] = True
-    long_mm, short_mm = axial_diameters(mask, (1.5, 0.8))
+    long_mm, short_mm = _slice_diameters(mask, (1.5, 0.8))
     diagonal = math.hypot(13.5, 2.4)
     assert long_mm == pytest.approx(diagonal)
     assert short_mm == pytest.approx(2.4 * 13.5 / diagonal)
@@ -154,10 +161,10 @@ def test_rectangle_diameters_by_hand():
 def test_line_and_disk_diameters():
     line = np.zeros((3, 9), dtype=bool)
     line[1, 1:8] = True
-    assert axial_diameters(line, (2.0, 0.8)) == pytest.approx((6 * 0.8, 0.0))
+    assert _slice_diameters(line, (2.0, 0.8)) == pytest.approx((6 * 0.8, 0.0))
     assert chord_diameters(np.zeros((1, 2))) == (0.0, 0.0)
     disk = _ellipsoid((41, 41), (20, 20), (15, 15))
-    long_mm, short_mm = axial_diameters(disk, (0.5, 0.5))
+    long_mm, short_mm = _slice_diameters(disk, (0.5, 0.5))
     assert long_mm == pytest.approx(15.0, abs=0.5)
     assert short_mm == pytest.approx(15.0, abs=0.6)
 
@@ -182,7 +189,7 @@ def test_lesion_detection_by_hand():
     pred[15, 2, 2:5] = True  # touches lesion 1 in one voxel
     pred[30, 5, 4:7] = True  # inside the big lesion
     pred[10, 10, 10] = True  # false positive
-    result = lesion_detection(pred, truth, (1.0, 1.0, 1.0), axial_axis=2)
+    result = lesion_detection(pred, truth, np.eye(4))
     assert (result["true_lesions"], result["found"]) == (3, 2)
     assert (result["pred_lesions"], result["true_positive"]) == (3, 2)
     assert result["recall"] == pytest.approx(2 / 3)
@@ -193,10 +200,11 @@ def test_lesion_detection_by_hand():
     assert (by_size["10-20mm"]["found"], by_size["10-20mm"]["total"]) == (1, 1)
     assert (by_size[">20mm"]["found"], by_size[">20mm"]["total"]) == (1, 1)
     # Along the axial axis the lesions are lines: every one measures 0 mm in its axial slice.
-    across = lesion_detection(pred, truth, (1.0, 1.0, 1.0), axial_axis=0)
+    swap_x_z = np.eye(4)[[2, 1, 0, 3]]  # voxel axis 0 runs along scanner z
+    across = lesion_detection(pred, truth, swap_x_z)
     assert across["by_size"]["<10mm"]["total"] == 3
     # Lesions under the volume threshold vanish from both sides.
-    big_only = lesion_detection(pred, truth, (1.0, 1.0, 1.0), min_volume_mm3=4.0)
+    big_only = lesion_detection(pred, truth, np.eye(4), min_volume_mm3=4.0)
     assert (big_only["true_lesions"], big_only["pred_lesions"]) == (2, 0)
     assert big_only["recall"] == 0.0 and math.isnan(big_only["precision"])
 
@@ -208,7 +216,7 @@ def test_lesion_detection_by_hand():
 
 def test_lesion_detection_empty():
     empty = np.zeros((4, 4, 4), dtype=bool)
-    result = lesion_detection(empty, empty, (1, 1, 1))
+    result = lesion_detection(empty, empty, np.eye(4))
     assert result["true_lesions"] == result["pred_lesions"] == 0
     assert math.isnan(result["recall"]) and math.isnan(result["f1"])
 

@@ -11,14 +11,9 @@ import pytest
 from liverseg.constants import BACKGROUND, LIVER, TUMOR
 from liverseg.data.downsampling import downsampled_affine
 from liverseg.errors import DataError
-from liverseg.evaluation.report import (
-    DISCLAIMER,
-    axial_axis,
-    case_report,
-    format_report,
-    lesion_table,
-    spacing_is_trustworthy,
-)
+from liverseg.evaluation.lesions import lesion_detection, size_class
+from liverseg.evaluation.report import DISCLAIMER, case_report, format_report, lesion_table
+from liverseg.geometry import axial_axis, axial_diameters, spacing_is_trustworthy
 
 SPACING = (0.7, 0.9, 2.5)
 VOXEL_MM3 = 0.7 * 0.9 * 2.5
@@ -210,3 +205,32 @@ def test_real_liver_report(real_ct):
     assert spacing_is_trustworthy(downsampled_affine(mask.affine, 2))
     assert report["axial_axis"] == 2
     json.dumps(report, allow_nan=False)
+
+
+def test_report_diameters_and_evaluate_size_classes_agree_on_an_oblique_scan():
+    # A grid tilted 30 degrees in-plane and sheared: per-axis spacings would mis-measure it. The
+    # report's long axis and `evaluate`'s size class must come from one measure.
+    angle = np.deg2rad(30)
+    rotation = np.array(
+        [[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]]
+    )
+    linear = rotation @ np.array([[0.85, 0.3, 0], [0, 0.8, 0], [0, 0, 2.5]])
+    affine = np.eye(4)
+    affine[:3, :3] = linear
+    labels = np.full((40, 40, 6), LIVER, dtype=np.uint8)
+    labels[5:29, 10:14, 1:4] = TUMOR  # one lesion, long along voxel axis 0
+    report = case_report(labels, affine, min_tumor_mm3=0.0)
+    (row,) = report["lesions"]
+    # By hand: the longest chord joins opposite corner centres, 23 steps along voxel axis 0 and
+    # 3 along axis 1 of the sheared columns c0, c1: |23 c0 +- 3 c1| mm.
+    corners = [23 * linear[:, 0] + 3 * linear[:, 1], 23 * linear[:, 0] - 3 * linear[:, 1]]
+    true_long = max(float(np.linalg.norm(c)) for c in corners)
+    assert row["long_axis_mm"] == pytest.approx(true_long)
+    assert row["long_axis_mm"] == pytest.approx(axial_diameters(labels == TUMOR, affine)[0])
+    detection = lesion_detection(labels == TUMOR, labels == TUMOR, affine)
+    by_size = {name: counts["total"] for name, counts in detection["by_size"].items()}
+    assert by_size[size_class(row["long_axis_mm"])] == 1
+    assert sum(by_size.values()) == 1
+    # Per-axis spacings (column lengths 0.85 and 0.854 mm, what evaluate used before) would give
+    # hypot(23 * 0.85, 3 * 0.854) = 19.7 mm, "10-20mm": the report said > 20 mm for the same lesion.
+    assert row["long_axis_mm"] > 20.0 and size_class(row["long_axis_mm"]) == ">20mm"

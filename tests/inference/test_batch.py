@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from liverseg.checkpoints import preprocessing_record
 from liverseg.cli import main
 from liverseg.config import Config, DataConfig, ModelConfig, to_dict
 from liverseg.constants import BACKGROUND, LIVER, TUMOR
 from liverseg.errors import CheckpointError
 from liverseg.inference.batch import collect_inputs, predict_paths, safe_name
 from liverseg.model import UNet3D
-from liverseg.preprocessing import preprocessing_settings
 
 torch.set_num_threads(1)
 
@@ -33,7 +33,7 @@ def checkpoint(tmp_path):
             "epoch": 1,
             "best_metric": 0.0,
             "config": to_dict(config),
-            "preprocessing": preprocessing_settings(-150, 250, 2, "regions"),
+            "preprocessing": preprocessing_record(-150, 250, 2, "regions"),
             "version": "0.1.0",
         },
         path,
@@ -185,20 +185,20 @@ def test_inputs_of_a_prepared_folder_are_not_reduced_again(
     prepared_ct = write_ct(root / folder / "liver_3.nii.gz")
     (root / "prepare.json").write_text(json.dumps({"factor": 2, "source_dir": "src", "cases": {}}))
     original_ct = write_ct(tmp_path / "originals" / folder / "liver_4.nii.gz")
-    zooms = []
+    prepared = []
     predict_volume = liverseg.inference.batch.predict_volume
 
-    def spy(model, image, **kwargs):
-        zooms.append(kwargs["zoom"])
-        return predict_volume(model, image, **kwargs)
+    def spy(model, image, settings, **kwargs):
+        prepared.append(kwargs["prepared"])
+        return predict_volume(model, image, settings, **kwargs)
 
     monkeypatch.setattr(liverseg.inference.batch, "predict_volume", spy)
     with caplog.at_level("INFO", logger="liverseg.inference.batch"):
         failures = predict_paths(checkpoint, [prepared_ct, original_ct], tmp_path / "out")
     assert failures == []
-    assert zooms == [1, 2]  # the checkpoint's factor is 2: only the original is reduced
+    assert prepared == [True, False]  # the checkpoint's factor is 2: only the original is reduced
     messages = [r.getMessage() for r in caplog.records]
-    assert any("prepare.json" in m and "zoom 1" in m and "liver_3" in m for m in messages)
+    assert any("prepare.json" in m and "own resolution" in m and "liver_3" in m for m in messages)
     assert nib.load(str(tmp_path / "out" / "liver_3_seg.nii.gz")).shape == (20, 18, 12)
 
 

@@ -8,22 +8,26 @@ import torch
 import torchio as tio
 from torch import nn
 
-from liverseg.checkpoints import load_model, predict_kwargs
+from liverseg.checkpoints import load_model, preprocessing_record
 from liverseg.config import Config, DataConfig, ModelConfig, to_dict
 from liverseg.constants import BACKGROUND, LIVER, TUMOR
 from liverseg.devices import _cpu_supports_bf16, uses_channels_last
 from liverseg.errors import CheckpointError, DataError, LiversegError
 from liverseg.inference.postprocess import Postprocess, postprocess_labels
+from liverseg.inference.settings import InferenceSettings
 from liverseg.inference.volume import patch_overlap_voxels, predict_volume
 from liverseg.model import UNet3D
-from liverseg.preprocessing import preprocessing_settings
 
 torch.set_num_threads(1)
 
 # The "CT" of the identity tests is a label map: the window (0, 2) maps BACKGROUND, LIVER, TUMOR
 # to -1, 0, +1, and IdentityModel turns those back into region logits.
-WINDOW = {"hu_min": 0.0, "hu_max": 2.0}
 NO_POST = None
+
+
+def window(**changes) -> InferenceSettings:
+    """Settings of the identity tests: the window (0, 2), everything else as asked."""
+    return InferenceSettings(**{"hu_min": 0.0, "hu_max": 2.0, **changes})
 
 
 class IdentityModel(nn.Module):
@@ -88,10 +92,10 @@ def dice(a, b):
 @pytest.mark.parametrize("shape", [(37, 29, 23), (10, 7, 5), (16, 16, 16), (17, 40, 9)])
 def test_identity_model_returns_its_input(shape, blending):
     labels = random_labels(shape)
-    prediction = predict_volume(
-        IdentityModel(), as_image(labels), **WINDOW, patch_size=16, overlap=0.5,
-        batch_size=3, blending=blending, postprocess=NO_POST, amp="off",
-    )  # fmt: skip
+    settings = window(
+        patch_size=16, overlap=0.5, batch_size=3, blending=blending, postprocess=NO_POST, amp="off"
+    )
+    prediction = predict_volume(IdentityModel(), as_image(labels), settings)
     assert prediction.labels.dtype == np.uint8
     assert prediction.labels.shape == shape
     np.testing.assert_array_equal(prediction.labels, labels)
@@ -112,9 +116,8 @@ def test_output_keeps_input_geometry(affine, tmp_path):
     labels = random_labels((21, 18, 11), seed=1)
     path = tmp_path / "ct.nii.gz"
     nib.save(nib.Nifti1Image(labels.astype(np.int16), affine), str(path))
-    prediction = predict_volume(
-        IdentityModel(), path, **WINDOW, patch_size=16, postprocess=NO_POST, amp="off"
-    )
+    settings = window(patch_size=16, postprocess=NO_POST, amp="off")
+    prediction = predict_volume(IdentityModel(), path, settings)
     assert prediction.labels.shape == labels.shape
     np.testing.assert_array_equal(prediction.affine, nib.load(str(path)).affine)
     np.testing.assert_array_equal(prediction.labels, labels)
@@ -129,9 +132,9 @@ def test_model_sees_canonical_orientation():
     lps[0, 0], lps[1, 1] = -1.0, -1.0
     lps[:3, 3] = [19.0, 18.0, 0.0]
     stored_lps = world[::-1, ::-1].copy()
-    kwargs = dict(**WINDOW, patch_size=16, postprocess=NO_POST, amp="off")
-    from_ras = predict_volume(DirectionalModel(), as_image(world, ras), **kwargs).labels
-    from_lps = predict_volume(DirectionalModel(), as_image(stored_lps, lps), **kwargs).labels
+    settings = window(patch_size=16, postprocess=NO_POST, amp="off")
+    from_ras = predict_volume(DirectionalModel(), as_image(world, ras), settings).labels
+    from_lps = predict_volume(DirectionalModel(), as_image(stored_lps, lps), settings).labels
     assert set(np.unique(from_ras)) >= {BACKGROUND, LIVER}
     np.testing.assert_array_equal(from_lps[::-1, ::-1], from_ras)
     # Ignoring the orientation would give another answer: the test can fail.
@@ -144,10 +147,9 @@ def test_zoom_round_trip_keeps_a_blob(shape):
     centre = np.array(shape)[:, None, None, None] / 2
     mask = ((grid - centre) ** 2).sum(0) < 10**2
     volume = np.where(mask, LIVER, BACKGROUND).astype(np.uint8)
-    prediction = predict_volume(
-        IdentityModel(), as_image(volume, np.diag([0.8, 0.8, 1.5, 1])), **WINDOW,
-        patch_size=16, zoom=2, postprocess=NO_POST, amp="off", keep_probabilities=True,
-    )  # fmt: skip
+    settings = window(patch_size=16, factor=2, postprocess=NO_POST, amp="off")
+    image = as_image(volume, np.diag([0.8, 0.8, 1.5, 1]))
+    prediction = predict_volume(IdentityModel(), image, settings, keep_probabilities=True)
     assert prediction.labels.shape == shape
     assert prediction.probabilities.shape == (2, *shape)
     assert dice(prediction.labels == LIVER, mask) > 0.9
@@ -155,30 +157,49 @@ def test_zoom_round_trip_keeps_a_blob(shape):
 
 def test_patch_size_must_fit_the_model():
     with pytest.raises(LiversegError, match="multiple of the model's size multiple 8"):
-        predict_volume(IdentityModel(size_multiple=8), as_image(random_labels((8, 8, 8))),
-                       **WINDOW, patch_size=12)  # fmt: skip
+        predict_volume(
+            IdentityModel(size_multiple=8),
+            as_image(random_labels((8, 8, 8))),
+            window(patch_size=12),
+        )
 
 
-def test_settings_are_checked():
-    image = as_image(random_labels((8, 8, 8)))
-    for bad in [dict(overlap=1.0), dict(blending="gaussian"), dict(amp="fp8"), dict(zoom=0)]:
-        with pytest.raises(LiversegError):
-            predict_volume(IdentityModel(), image, **WINDOW, patch_size=8, **bad)
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(overlap=1.0), "overlap"),
+        (dict(blending="gaussian"), "blending='gaussian'"),
+        (dict(amp="fp8"), "amp='fp8'"),
+        (dict(factor=0), "factor"),
+        (dict(patch_size=0), "patch_size"),
+        (dict(head="sigmoid"), "head='sigmoid'"),
+        (dict(hu_min=300.0), "hu_max"),
+    ],
+)
+def test_settings_are_checked_when_made(bad, message):
+    with pytest.raises(LiversegError, match=message):
+        window(**bad)
+
+
+def test_settings_replace_is_checked_too():
+    assert window(patch_size=8).replace(amp="bf16").amp == "bf16"
+    with pytest.raises(LiversegError, match="overlap"):
+        window().replace(overlap=-0.1)
 
 
 def test_bad_input_file_is_a_data_error(tmp_path):
     junk = tmp_path / "._liver_1.nii.gz"
     junk.write_bytes(b"\x00\x05\x16\x07 AppleDouble")
     with pytest.raises(DataError, match="_liver_1"):
-        predict_volume(IdentityModel(), junk, **WINDOW, patch_size=8)
+        predict_volume(IdentityModel(), junk, window(patch_size=8))
     with pytest.raises(DataError, match="not found"):
-        predict_volume(IdentityModel(), tmp_path / "absent.nii.gz", **WINDOW, patch_size=8)
+        predict_volume(IdentityModel(), tmp_path / "absent.nii.gz", window(patch_size=8))
 
 
 @pytest.mark.parametrize("training", [True, False])
 def test_model_mode_is_restored(training):
     model = IdentityModel().train(training)
-    predict_volume(model, as_image(random_labels((9, 9, 9))), **WINDOW, patch_size=8)
+    predict_volume(model, as_image(random_labels((9, 9, 9))), window(patch_size=8))
     assert model.training is training
 
 
@@ -197,9 +218,9 @@ def test_bf16_autocast_gives_the_same_labels_as_fp32():
     torch.manual_seed(3)
     model = UNet3D(1, 2, features=(16, 32))
     image = as_image(structured_ct())
-    kwargs = dict(hu_min=-150, hu_max=250, patch_size=16, postprocess=NO_POST, device="cpu")
-    exact = predict_volume(model, image, amp="off", **kwargs).labels
-    fast = predict_volume(model, image, amp="bf16", **kwargs).labels
+    settings = InferenceSettings(hu_min=-150, hu_max=250, patch_size=16, postprocess=NO_POST)
+    exact = predict_volume(model, image, settings.replace(amp="off"), device="cpu").labels
+    fast = predict_volume(model, image, settings.replace(amp="bf16"), device="cpu").labels
     for label in (LIVER, TUMOR):
         assert (exact == label).sum() > 500  # both classes present: the Dice means something
         assert dice(fast == label, exact == label) >= 0.99
@@ -264,7 +285,7 @@ def test_min_tumor_volume_uses_spacing(spacing, one_voxel_kept):
 
 def test_predict_volume_applies_postprocessing():
     labels = scene()
-    prediction = predict_volume(IdentityModel(), as_image(labels), **WINDOW, patch_size=16)
+    prediction = predict_volume(IdentityModel(), as_image(labels), window(patch_size=16))
     np.testing.assert_array_equal(
         prediction.labels, postprocess_labels(labels, (1, 1, 1), Postprocess())
     )
@@ -293,7 +314,7 @@ def save_tiny_checkpoint(path, config=None, model=None):
             "epoch": 3,
             "best_metric": 0.5,
             "config": to_dict(config),
-            "preprocessing": preprocessing_settings(-150, 250, 2, "regions"),
+            "preprocessing": preprocessing_record(-150, 250, 2, "regions"),
             "version": "0.1.0",
         },
         path,
@@ -308,11 +329,13 @@ def test_load_model_rebuilds_model_and_settings(tmp_path):
     assert model.features == (4, 8)
     for key, value in original.state_dict().items():
         torch.testing.assert_close(model.state_dict()[key], value)
-    assert settings["patch_size"] == 16 and settings["factor"] == 2
-    assert settings["head"] == "regions" and settings["overlap"] == 0.5
-    kwargs = predict_kwargs(settings)
-    assert kwargs["zoom"] == 2 and predict_kwargs(settings, prepared=True)["zoom"] == 1
-    assert kwargs["postprocess"] == Postprocess()
+    assert settings.patch_size == 16 and settings.factor == 2
+    assert settings.head == "regions" and settings.overlap == 0.5
+    assert (settings.hu_min, settings.hu_max) == (-150.0, 250.0)
+    assert settings.postprocess == Postprocess()
+    assert settings.provenance["epoch"] == 3 and settings.provenance["checkpoint"].endswith(
+        "best.pt"
+    )
 
 
 def test_load_model_errors(tmp_path):
@@ -338,7 +361,8 @@ def test_real_ct_with_tiny_random_model(real_ct):
     image, _ = real_ct
     torch.manual_seed(0)
     model = UNet3D(1, 2, features=(4, 8))
-    prediction = predict_volume(model, image, hu_min=-150, hu_max=250, patch_size=32, zoom=2)
+    settings = InferenceSettings(hu_min=-150, hu_max=250, patch_size=32, factor=2)
+    prediction = predict_volume(model, image, settings)
     stored = nib.load(str(image))
     assert prediction.labels.shape == stored.shape
     np.testing.assert_array_equal(prediction.affine, stored.affine)
@@ -359,7 +383,8 @@ def test_fast_path_uses_channels_last_and_leaves_the_model_as_it_was():
         )
     )
     image = as_image(np.random.default_rng(0).normal(50, 80, (12, 10, 9)))
-    predict_volume(model, image, hu_min=-150, hu_max=250, patch_size=8, amp="bf16")
+    settings = InferenceSettings(hu_min=-150, hu_max=250, patch_size=8)
+    predict_volume(model, image, settings.replace(amp="bf16"))
     assert seen and all(seen)
     assert model.training
     assert all(a is b for a, b in zip(model.parameters(), parameters, strict=True))
@@ -369,7 +394,7 @@ def test_fast_path_uses_channels_last_and_leaves_the_model_as_it_was():
         assert value.is_contiguous()
     # On CPU fp32 runs channels-last too (faster there); the model is again left as it was.
     seen.clear()
-    predict_volume(model, image, hu_min=-150, hu_max=250, patch_size=8, amp="off")
+    predict_volume(model, image, settings.replace(amp="off"))
     assert seen and all(seen)
     for key, value in model.state_dict().items():
         assert value.stride() == before[key][1], key

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -141,25 +142,72 @@ def test_bad_case_stops_the_run_before_training(tmp_path):
         fit(load_config(None, tiny_overrides(root, tmp_path / "run")))
 
 
+# Runs ``liverseg train ARGS`` but, once epoch 1 is on disk (metrics.csv, last.pt, curves.png),
+# touches the READY file and blocks: the test kills it there, never earlier, never later.
+TRAIN_UNTIL_EPOCH_1 = """
+import sys
+import threading
+from pathlib import Path
+
+import liverseg.training.fit as fit_module
+from liverseg.cli import main
+
+ready = Path(sys.argv[1])
+record_epoch = fit_module.record_epoch
+
+
+def record_then_block(run_dir, rows, state, checkpoints):
+    record_epoch(run_dir, rows, state, checkpoints)
+    ready.touch()
+    threading.Event().wait()
+
+
+fit_module.record_epoch = record_then_block
+sys.exit(main(["train", *sys.argv[2:]]))
+"""
+
+
+def wait_for_file(path, process, log, timeout_s=600):
+    """Wait until ``path`` exists; fail (killing ``process``) if it exits or never writes it."""
+    deadline = time.monotonic() + timeout_s  # a safety net against hanging, not a speed test
+    while not path.exists():
+        if process.poll() is not None:
+            pytest.fail(f"training exited ({process.returncode}) before {path.name}:\n{log()}")
+        if time.monotonic() > deadline:
+            process.kill()
+            process.wait()
+            pytest.fail(f"no {path.name} after {timeout_s} s; training stuck?\n{log()}")
+        time.sleep(0.05)
+
+
 def test_killed_run_resumes_with_continuous_metrics(phantom_root, tmp_path):
     run_dir = tmp_path / "run"
     overrides = tiny_overrides(phantom_root, run_dir, "train.epochs=4", "train.val_every=4")
-    command = [sys.executable, str(REPO / "main.py"), *overrides]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ready, stderr = tmp_path / "ready", tmp_path / "stderr.txt"
+    with stderr.open("w") as err:  # a file, not a pipe: a full pipe would block the child
+        process = subprocess.Popen(
+            [sys.executable, "-c", TRAIN_UNTIL_EPOCH_1, str(ready), *overrides],
+            env=env, stdout=subprocess.DEVNULL, stderr=err,
+        )  # fmt: skip
+        try:
+            wait_for_file(ready, process, lambda: stderr.read_text()[-2000:])
+        finally:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+    assert process.returncode == -signal.SIGKILL
     last = run_dir / "checkpoints" / "last.pt"
-    deadline = time.time() + 120
-    while not last.exists() and time.time() < deadline and process.poll() is None:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    epoch_at_kill = load_checkpoint(last)["epoch"]
-    assert epoch_at_kill < 4, "the run finished before it could be killed"
+    assert load_checkpoint(last)["epoch"] == 1
+    rows_at_kill = read_rows(run_dir)
+    assert [r["epoch"] for r in rows_at_kill] == ["1"]
+    command = [sys.executable, str(REPO / "main.py"), *overrides]
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-2000:]
-    assert [r["epoch"] for r in read_rows(run_dir)] == ["1", "2", "3", "4"]
+    assert f"resuming {last} at epoch 2" in finished.stderr
+    rows = read_rows(run_dir)
+    assert [r["epoch"] for r in rows] == ["1", "2", "3", "4"]
+    assert rows[0] == rows_at_kill[0]  # epoch 1 was kept, not trained again
     assert load_checkpoint(last)["epoch"] == 4
-    assert f"resuming {last} at epoch {epoch_at_kill + 1}" in finished.stderr
 
 
 def test_crash_while_writing_metrics_loses_no_row(phantom_root, tmp_path, monkeypatch):
@@ -199,7 +247,7 @@ def test_config_round_trips_through_a_checkpoint(tmp_path):
     "override, message",
     [
         ("data.hu_max=-500", "data.hu_max"),
-        ("train.loss=dice", "train.loss='dice': choose one of bce, bce_dice, ce, ce_dice"),
+        ("train.loss=dice", "train.loss='dice' is not one of bce, bce_dice, ce, ce_dice"),
         ("model.norm=group", "model.norm"),
         ("data.patch_size=17", "data.patch_size=17 must be a multiple of 2"),
         ("model.deep_supervision=1", "model.deep_supervision=1 must be in [0, 0]"),
@@ -284,3 +332,89 @@ def test_training_layout_is_channels_last_only_for_cuda_autocast():
     assert training_layout(torch.device("cuda"), None) == torch.contiguous_format
     assert training_layout(torch.device("cpu"), torch.bfloat16) == torch.contiguous_format
     assert training_layout(torch.device("cpu"), None) == torch.contiguous_format
+
+
+def one_case_epoch(phantom_root, tmp_path, monkeypatch, iterations, *extra, loss=None):
+    """Train one epoch on one case (5 patches, batch 2: 3 batches a pass); its loss calls.
+
+    Returns:
+        (batch sizes seen by the loss, one per iteration; Adam steps taken; the epoch's loss).
+    """
+    import liverseg.training.fit as train
+    from liverseg.training.preflight import find_training_cases
+
+    config = load_config(
+        None,
+        tiny_overrides(
+            phantom_root, tmp_path / "run", "data.samples_per_volume=5", "data.batch_size=2",
+            f"train.iterations_per_epoch={iterations}", *extra,
+        ),
+    )  # fmt: skip
+    case = find_training_cases(config)[:1]
+    loader = train.build_training_loader(config, case, tmp_path / "cache")
+    assert len(loader) == 3
+    device = torch.device("cpu")
+    model, optimizer, scaler = train.build_training_state(config, device, None)
+    sizes, real_loss = [], train.compute_loss
+
+    def counting_loss(logits, label, name):
+        sizes.append(label.shape[0])
+        return loss if loss is not None else real_loss(logits, label, name)
+
+    monkeypatch.setattr(train, "compute_loss", counting_loss)
+    epoch_loss = train.train_one_epoch(
+        model, loader, optimizer, scaler, epoch=1, config=config, device=device, dtype=None
+    )
+    steps = [int(state["step"]) for state in optimizer.state.values()]
+    return sizes, steps[0] if steps else 0, epoch_loss
+
+
+@pytest.mark.parametrize(
+    "iterations, sizes",
+    [
+        (0, [2, 2, 1]),  # one pass over the queue, as the seed
+        (2, [2, 2]),  # fewer than a pass: stops mid-pass
+        (7, [2, 2, 1, 2, 2, 1, 2]),  # more than a pass: the queue refills twice
+    ],
+)
+def test_iterations_per_epoch_is_exact(phantom_root, tmp_path, monkeypatch, iterations, sizes):
+    import math
+
+    seen, steps, loss = one_case_epoch(phantom_root, tmp_path, monkeypatch, iterations)
+    assert seen == sizes
+    assert steps == len(sizes)
+    assert math.isfinite(loss)
+
+
+def test_skipped_non_finite_steps_count_as_iterations(phantom_root, tmp_path, monkeypatch):
+    import math
+
+    nan = torch.tensor(float("nan"))
+    seen, steps, loss = one_case_epoch(
+        phantom_root, tmp_path, monkeypatch, 7, "train.max_nonfinite=8", loss=nan
+    )
+    assert len(seen) == 7 and steps == 0 and math.isnan(loss)
+
+
+def test_logged_validation_dice_equals_evaluate_on_the_final_predictions(phantom_root, tmp_path):
+    from liverseg.data.splits import validation_cases
+    from liverseg.evaluation.folders import evaluate_folders
+
+    run_dir = tmp_path / "run"
+    fit(load_config(None, tiny_overrides(phantom_root, run_dir, "run.final_predictions=true")))
+    last_row = read_rows(run_dir)[-1]
+    table = tmp_path / "metrics.csv"
+    evaluate_folders(
+        run_dir / "predictions",
+        phantom_root,
+        out_csv=table,
+        cases=validation_cases(run_dir / "split.json"),
+    )
+    with table.open() as f:
+        mean = next(row for row in csv.DictReader(f) if row["case_id"] == "mean")
+    for name in ("liver_excl_tumor", "liver_incl_tumor", "tumor"):
+        logged, evaluated = last_row[f"dice_{name}"], float(mean[f"dice_{name}"])
+        if logged in ("", "nan"):
+            assert np.isnan(evaluated), name
+        else:
+            assert float(logged) == pytest.approx(evaluated, abs=5e-5), name

@@ -7,9 +7,10 @@ import torch
 
 from liverseg.constants import BACKGROUND, LIVER, TUMOR
 from liverseg.data.cases import Case
+from liverseg.data.splits import load_or_create_split
 from liverseg.errors import DataError
 from liverseg.training.cache import build_cache, preprocess_case
-from liverseg.training.loader import PatchSettings, build_loader, load_or_create_split
+from liverseg.training.loader import PatchSettings, build_loader
 from liverseg.training.patches import extract_patch, random_affine_matrix, sample_centres
 
 PROBS = {BACKGROUND: 0.2, LIVER: 0.3, TUMOR: 0.5}

@@ -7,17 +7,9 @@ import math
 import pytest
 import torch
 
-from liverseg.constants import BACKGROUND, LIVER, TUMOR
-from liverseg.training.losses import (
-    LOSSES,
-    compute_loss,
-    head_for_loss,
-    out_channels,
-    regions_from_labels,
-    soft_dice_loss,
-    to_labels,
-    to_probabilities,
-)
+from liverseg.constants import BACKGROUND, LIVER, LOSSES, TUMOR
+from liverseg.labels import head_for_loss, out_channels, to_labels, to_probabilities
+from liverseg.training.losses import compute_loss, regions_from_labels, soft_dice_loss
 
 # Four voxels along W: background, liver, tumor, tumor. Shape (B=1, 1, 4, 1, 1).
 LABEL = torch.tensor([BACKGROUND, LIVER, TUMOR, TUMOR], dtype=torch.uint8).reshape(1, 1, 4, 1, 1)

@@ -1,0 +1,79 @@
+"""How a model predicts a volume: one frozen record, built from a checkpoint in one place.
+
+:func:`liverseg.checkpoints.load_model` (and training's validation, through
+:func:`liverseg.checkpoints.inference_settings`) builds an :class:`InferenceSettings` from the
+checkpoint's preprocessing and config; :func:`liverseg.inference.volume.predict_volume`, ``liverseg
+predict``, the benchmarks and the notebook all take it, so no caller maps config keys to arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from liverseg.constants import AMP_MODES, BLENDINGS, HEADS
+from liverseg.errors import LiversegError
+from liverseg.inference.postprocess import Postprocess
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """Everything :func:`~liverseg.inference.volume.predict_volume` needs besides the model.
+
+    Attributes:
+        hu_min: HU mapped to -1 in training (:func:`liverseg.preprocessing.scale_hu`).
+        hu_max: HU mapped to +1 in training.
+        head: Output decoding, ``"regions"`` or ``"softmax"`` (:mod:`liverseg.labels`).
+        factor: Integer reduction of the training data relative to the original scans (1: none;
+            the seed halves, 2). An original-resolution scan is reduced by it before predicting
+            and the probabilities are brought back to its grid; a volume already reduced by
+            ``liverseg prepare`` is predicted as it is (``prepared=True``).
+        patch_size: Cubic patch side in voxels; a multiple of the model's ``size_multiple``.
+        overlap: Fraction of a patch shared with its neighbour along each axis, in [0, 1).
+        batch_size: Patches per forward pass.
+        blending: ``"hann"`` or ``"average"`` weighting of overlapping patch probabilities.
+        amp: ``"auto"`` (bf16 autocast on CUDA, fp16 where bf16 is unsupported; fp32 on CPU and
+            MPS), ``"bf16"``/``"fp16"`` (that autocast dtype on any device) or ``"off"`` (fp32).
+        postprocess: Post-processing steps (:class:`Postprocess`), or None for none.
+        provenance: Which checkpoint these settings came from (``checkpoint``, ``epoch``,
+            ``liverseg_version``); reports record it. None when built by hand.
+    """
+
+    hu_min: float
+    hu_max: float
+    head: str = "regions"
+    factor: int = 1
+    patch_size: int = 96
+    overlap: float = 0.5
+    batch_size: int = 2
+    blending: str = "hann"
+    amp: str = "auto"
+    postprocess: Postprocess | None = Postprocess()
+    provenance: dict | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.hu_max > self.hu_min:
+            problems.append(f"hu_max ({self.hu_max}) must exceed hu_min ({self.hu_min})")
+        for name, choices in (("head", HEADS), ("blending", BLENDINGS), ("amp", AMP_MODES)):
+            if getattr(self, name) not in choices:
+                problems.append(
+                    f"{name}={getattr(self, name)!r}: choose one of {', '.join(choices)}"
+                )
+        for name in ("factor", "patch_size", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or int(value) != value or value < 1:
+                problems.append(f"{name} must be a positive integer, got {value!r}")
+        if not 0 <= self.overlap < 1:
+            problems.append(f"overlap must be a fraction in [0, 1), got {self.overlap}")
+        if problems:
+            raise LiversegError("invalid inference settings: " + "; ".join(problems))
+
+    @property
+    def min_lesion_mm3(self) -> float:
+        """Smallest tumor component counted as a lesion in reports (post-processing's cut)."""
+        return self.postprocess.min_tumor_mm3 if self.postprocess is not None else 0.0
+
+    def replace(self, **changes) -> InferenceSettings:
+        """A copy with some fields changed (checked again), e.g. ``settings.replace(amp="off")``."""
+        return dataclasses.replace(self, **changes)
