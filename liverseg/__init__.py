@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+from liverseg.version import __version__  # noqa: F401 - liverseg.__version__
 
 # Public name -> the module that defines it.
 _PUBLIC = {

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from liverseg import __version__
 from liverseg.config import Config, from_dict, to_dict
 from liverseg.devices import resolve_device
 from liverseg.errors import CheckpointError, ConfigError, LiversegError
@@ -25,6 +24,7 @@ from liverseg.inference.settings import InferenceSettings
 from liverseg.io import atomic_path
 from liverseg.labels import head_for_loss, out_channels
 from liverseg.model import UNet3D
+from liverseg.version import __version__
 
 log = logging.getLogger(__name__)
 

@@ -29,6 +29,17 @@ def _phantoms(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_phantoms_parser(sub) -> None:
+    p = sub.add_parser("phantoms", help="write synthetic abdominal CTs in Task03 layout")
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--cases", type=int, default=8)
+    p.add_argument("--shape", type=int, nargs=3, default=(128, 128, 96), metavar=("X", "Y", "Z"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--test-cases", type=int, default=2, help="unlabeled cases in imagesTs/")
+    p.add_argument("--junk", action="store_true", help="also write macOS ._ files")
+    p.set_defaults(func=_phantoms)
+
+
 def _check(args: argparse.Namespace) -> int:
     from liverseg.data.checks import check_dataset
     from liverseg.data.problems import format_problems, has_errors
@@ -42,6 +53,18 @@ def _check(args: argparse.Namespace) -> int:
     return 1 if has_errors(problems) else 0
 
 
+def _add_check_parser(sub) -> None:
+    p = sub.add_parser("check", help="the data doctor: find every problem of a Task03 folder")
+    p.add_argument("data_dir", type=Path)
+    p.add_argument("--affine-tolerance-mm", type=float, default=0.01)
+    p.add_argument(
+        "--copy-label-geometry",
+        action="store_true",
+        help="accept label affines that differ from the image's (the image's is used)",
+    )
+    p.set_defaults(func=_check)
+
+
 def _prepare(args: argparse.Namespace) -> int:
     from liverseg.data.prepare import prepare_dataset
 
@@ -50,12 +73,28 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_prepare_parser(sub) -> None:
+    p = sub.add_parser("prepare", help="halve every axis of a Task03 folder (resumable)")
+    p.add_argument("src_dir", type=Path)
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--factor", type=int, default=2)
+    p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
+    p.set_defaults(func=_prepare)
+
+
 def _train(args: argparse.Namespace) -> int:
     from liverseg.config import load_config
     from liverseg.training.fit import fit
 
     fit(load_config(args.config, tuple(args.overrides)))
     return 0
+
+
+def _add_train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a model (same as python main.py)")
+    p.add_argument("--config", type=Path, default=None)
+    p.add_argument("overrides", nargs="*", help="key.sub=value")
+    p.set_defaults(func=_train)
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -74,63 +113,7 @@ def _predict(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def _evaluate(args: argparse.Namespace) -> int:
-    from liverseg.data.splits import validation_cases
-    from liverseg.evaluation.folders import evaluate_folders
-
-    cases = list(args.cases) if args.cases else None
-    if args.split is not None:
-        cases = (cases or []) + validation_cases(args.split)
-    print(evaluate_folders(args.pred_dir, args.gt_dir, out_csv=args.out, cases=cases))
-    return 0
-
-
-def _animate(args: argparse.Namespace) -> int:
-    from liverseg.visualize import animate_files
-
-    animate_files(args.ct, seg=args.seg, truth=args.truth, out=args.out)
-    print(f"wrote {args.out}")
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``liverseg`` command."""
-    parser = argparse.ArgumentParser(prog="liverseg", description=__doc__.splitlines()[0])
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("phantoms", help="write synthetic abdominal CTs in Task03 layout")
-    p.add_argument("out_dir", type=Path)
-    p.add_argument("--cases", type=int, default=8)
-    p.add_argument("--shape", type=int, nargs=3, default=(128, 128, 96), metavar=("X", "Y", "Z"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--test-cases", type=int, default=2, help="unlabeled cases in imagesTs/")
-    p.add_argument("--junk", action="store_true", help="also write macOS ._ files")
-    p.set_defaults(func=_phantoms)
-
-    p = sub.add_parser("check", help="the data doctor: find every problem of a Task03 folder")
-    p.add_argument("data_dir", type=Path)
-    p.add_argument("--affine-tolerance-mm", type=float, default=0.01)
-    p.add_argument(
-        "--copy-label-geometry",
-        action="store_true",
-        help="accept label affines that differ from the image's (the image's is used)",
-    )
-    p.set_defaults(func=_check)
-
-    p = sub.add_parser("prepare", help="halve every axis of a Task03 folder (resumable)")
-    p.add_argument("src_dir", type=Path)
-    p.add_argument("out_dir", type=Path)
-    p.add_argument("--factor", type=int, default=2)
-    p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
-    p.set_defaults(func=_prepare)
-
-    p = sub.add_parser("train", help="train a model (same as python main.py)")
-    p.add_argument("--config", type=Path, default=None)
-    p.add_argument("overrides", nargs="*", help="key.sub=value")
-    p.set_defaults(func=_train)
-
+def _add_predict_parser(sub) -> None:
     p = sub.add_parser("predict", help="segment CT volumes with a checkpoint")
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("inputs", type=Path, nargs="+", help="NIfTI files or folders of them")
@@ -142,6 +125,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_predict)
 
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from liverseg.data.splits import validation_cases
+    from liverseg.evaluation.folders import evaluate_folders
+
+    cases = list(args.cases) if args.cases else None
+    if args.split is not None:
+        cases = (cases or []) + validation_cases(args.split)
+    print(evaluate_folders(args.pred_dir, args.gt_dir, out_csv=args.out, cases=cases))
+    return 0
+
+
+def _add_evaluate_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="Dice, VOE, RVD, ASSD, HD95 and lesion detection")
     p.add_argument("pred_dir", type=Path)
     p.add_argument("gt_dir", type=Path)
@@ -153,12 +149,43 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.set_defaults(func=_evaluate)
 
+
+def _animate(args: argparse.Namespace) -> int:
+    from liverseg.visualize import animate_files
+
+    animate_files(args.ct, seg=args.seg, truth=args.truth, out=args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _add_animate_parser(sub) -> None:
     p = sub.add_parser("animate", help="animate axial slices: liver purple, tumor yellow")
     p.add_argument("ct", type=Path)
     p.add_argument("--seg", type=Path, default=None)
     p.add_argument("--truth", type=Path, default=None)
     p.add_argument("--out", type=Path, required=True, help="FILE.gif or FILE.html")
     p.set_defaults(func=_animate)
+
+
+_SUBCOMMAND_PARSERS = (
+    _add_phantoms_parser,
+    _add_check_parser,
+    _add_prepare_parser,
+    _add_train_parser,
+    _add_predict_parser,
+    _add_evaluate_parser,
+    _add_animate_parser,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``liverseg`` command."""
+    parser = argparse.ArgumentParser(prog="liverseg", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add_parser in _SUBCOMMAND_PARSERS:
+        add_parser(sub)
     return parser
 
 

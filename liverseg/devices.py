@@ -9,11 +9,14 @@ autocast on CUDA (:func:`uses_channels_last`); training only under autocast on C
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 
 from liverseg.constants import AMP_MODES
 from liverseg.errors import LiversegError
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
@@ -76,6 +79,8 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "off":
         return None
     if amp == "bf16":
+        if device.type == "cpu" and not cpu_supports_bf16():
+            _warn_emulated_bf16()
         return torch.bfloat16
     if amp == "fp16":
         return torch.float16
@@ -85,10 +90,11 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 
 
 @functools.lru_cache(maxsize=1)
-def _cpu_supports_bf16() -> bool:
-    """Whether bf16 autocast works on this CPU: oneDNN reports support and a tiny forward runs.
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU runs bf16 natively: oneDNN reports support and a tiny forward runs.
 
-    ``amp="bf16"`` on a CPU without it is slow or fails; tests of bf16 skip such CPUs.
+    Without it (no AVX512-BF16 or AMX, e.g. the AMD EPYC this was last tested on) oneDNN
+    emulates bf16 and ``amp="bf16"`` is many times slower than fp32.
     """
     try:
         if not torch.backends.mkldnn.is_available():
@@ -101,6 +107,15 @@ def _cpu_supports_bf16() -> bool:
         return out.dtype == torch.bfloat16 and bool(torch.isfinite(out.float()).all())
     except (RuntimeError, AttributeError):
         return False
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_emulated_bf16() -> None:
+    """Say once per process that bf16 was asked for on a CPU that only emulates it."""
+    log.warning(
+        "amp=bf16 on a CPU without native bf16 (no AVX512-BF16/AMX): oneDNN emulates it, many "
+        "times slower than fp32; set train.amp/inference.amp to auto (fp32 on CPU) or off"
+    )
 
 
 def training_layout(device: torch.device, dtype: torch.dtype | None) -> torch.memory_format:

@@ -216,6 +216,13 @@ def _name_of(source: Source) -> str:
     return str(path) if path else f"the {type(source).__name__}"
 
 
+def fingerprint(path: str | Path) -> dict:
+    """Identity of a file's contents for resumable work: resolved path, size, mtime (ns)."""
+    path = Path(path)
+    stat = path.stat()
+    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
 def case_id_of(path: str | Path) -> str:
     """The case id of a NIfTI path: its name without ``.nii.gz`` / ``.nii``."""
     name = Path(path).name

@@ -340,3 +340,27 @@ def test_inference_amp_on_cpu(amp, expected):
 def test_amp_auto_is_bf16_on_cuda_where_supported():
     expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     assert autocast_dtype("auto", torch.device("cuda")) == expected
+
+
+def test_unquoted_off_is_the_amp_choice_off(tmp_path):
+    # YAML 1.1 reads `off` as false; for a key whose choices include "off" it means that choice.
+    config = load_config(None, ("train.amp=off", "inference.amp=off"))
+    assert (config.train.amp, config.inference.amp) == ("off", "off")
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  amp: off\n")
+    assert load_config(path).train.amp == "off"
+    with pytest.raises(ConfigError, match="inference.blending"):
+        load_config(None, ("inference.blending=off",))
+
+
+def test_bf16_on_a_cpu_without_it_is_warned(monkeypatch, caplog):
+    import liverseg.devices as devices
+
+    monkeypatch.setattr(devices, "cpu_supports_bf16", lambda: False)
+    devices._warn_emulated_bf16.cache_clear()
+    with caplog.at_level("WARNING", logger="liverseg.devices"):
+        assert devices.autocast_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+        devices.autocast_dtype("bf16", torch.device("cpu"))
+    warnings = [r for r in caplog.records if "without native bf16" in r.getMessage()]
+    assert len(warnings) == 1  # once per process
+    devices._warn_emulated_bf16.cache_clear()

@@ -42,7 +42,7 @@ from scipy import ndimage
 from liverseg.constants import BACKGROUND, LABEL_VALUES, LIVER, TUMOR
 from liverseg.errors import DataError
 from liverseg.geometry import label_affine_matches, spacing_is_trustworthy
-from liverseg.io import read_stored, save_nifti
+from liverseg.io import fingerprint, read_stored, save_nifti
 from liverseg.labels import invalid_label_values
 
 logger = logging.getLogger(__name__)
@@ -194,11 +194,6 @@ def _rescue_lost_tumors(out: np.ndarray, tumor_count: np.ndarray, present: np.nd
     logger.debug("checked %d tumor groups", n_groups)
 
 
-def _fingerprint(path: Path) -> dict:
-    stat = path.stat()
-    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-
-
 def downsample_case(
     image_path: str | Path,
     label_path: str | Path | None,
@@ -238,7 +233,7 @@ def downsample_case(
     save_nifti(reduced, new_affine, out_image)
     record = {
         "factor": factor,
-        "source_image": _fingerprint(image_path),
+        "source_image": fingerprint(image_path),
         "source_label": None,
         "image": str(out_image),
         "label": None,
@@ -273,7 +268,7 @@ def downsample_case(
         new_label_affine = downsampled_affine(label_affine, factor)
     save_nifti(reduced_label, new_label_affine, out_label)
     record.update(
-        source_label=_fingerprint(label_path),
+        source_label=fingerprint(label_path),
         label=str(out_label),
         original_label_affine=label_affine.tolist(),
         new_label_affine=new_label_affine.tolist(),

@@ -27,9 +27,9 @@ from tqdm import tqdm
 
 from liverseg.constants import LABEL_NAMES, LABEL_VALUES
 from liverseg.data.cases import SPLITS, Case, MissingTestFolderError, find_cases
-from liverseg.data.downsampling import _fingerprint, downsample_case
+from liverseg.data.downsampling import downsample_case
 from liverseg.errors import DataError, LiversegError
-from liverseg.io import atomic_path
+from liverseg.io import atomic_path, fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def _is_finished(job: dict, record: dict | None, out: Path) -> bool:
     sources = [(job["image_path"], record.get("source_image"))]
     if job["label_path"] is not None:
         sources.append((job["label_path"], record.get("source_label")))
-    if any(not path.is_file() or stored != _fingerprint(path) for path, stored in sources):
+    if any(not path.is_file() or stored != fingerprint(path) for path, stored in sources):
         return False
     outputs = [job["image"]] + ([job["label"]] if job["label"] else [])
     return all((out / name).is_file() for name in outputs)

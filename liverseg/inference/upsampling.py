@@ -12,21 +12,21 @@ import torch
 
 from liverseg.labels import to_labels
 
-# Output slices interpolated and decoded at a time when zoom > 1: bounds the float32 memory of
-# the full-resolution probabilities to a few slices.
+# Output slices interpolated and decoded at a time after a reduction (factor > 1): bounds the
+# float32 memory of the full-resolution probabilities to a few slices.
 _SLAB = 16
 
 
 def upsample_and_decode(
-    probabilities: torch.Tensor, shape: tuple, zoom: int, head: str, keep: bool
+    probabilities: torch.Tensor, shape: tuple, factor: int, head: str, keep: bool
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Labels (and optionally probabilities) on the input grid from reduced probabilities.
 
     Args:
-        probabilities: float32 ``(C, w, h, d)`` on the grid reduced by ``zoom``, in the input's
+        probabilities: float32 ``(C, w, h, d)`` on the grid reduced by ``factor``, in the input's
             stored orientation.
         shape: The input's ``(W, H, D)`` in voxels.
-        zoom: The integer reduction of the input (1: none, the probabilities are decoded as they
+        factor: The integer reduction of the input (1: none, the probabilities are decoded as they
             are).
         head: ``"regions"`` or ``"softmax"`` (see :mod:`liverseg.labels`).
         keep: Also return the probabilities on the input grid.
@@ -35,12 +35,12 @@ def upsample_and_decode(
         ``(labels, full)``: uint8 labels of ``shape``, and float32 ``(C, W, H, D)`` probabilities
         when ``keep``, else None.
     """
-    if zoom == 1:
+    if factor == 1:
         labels = to_labels(probabilities, head).numpy()
         return labels, probabilities.numpy() if keep else None
     labels = np.empty(shape, dtype=np.uint8)
     full = np.empty((probabilities.shape[0], *shape), dtype=np.float32) if keep else None
-    along = [_linear_weights(n, zoom) for n in shape]
+    along = [_linear_weights(n, factor) for n in shape]
     for z0 in range(0, shape[2], _SLAB):
         z1 = min(z0 + _SLAB, shape[2])
         slab_weights = tuple(t[z0:z1] for t in along[2])
@@ -52,14 +52,14 @@ def upsample_and_decode(
     return labels, full
 
 
-def _linear_weights(n: int, zoom: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _linear_weights(n: int, factor: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per input voxel along one axis: reduced neighbours (i0, i1) and weight of i1.
 
-    Reduced voxel ``i`` has its centre at input coordinate ``min(i*zoom + (zoom-1)/2, n-1)``
+    Reduced voxel ``i`` has its centre at input coordinate ``min(i*factor + (factor-1)/2, n-1)``
     (:mod:`liverseg.data.downsampling`'s block-centre grid); outside the first/last centre the
     value is held.
     """
-    centres = np.minimum(np.arange(-(-n // zoom)) * zoom + (zoom - 1) / 2, n - 1)
+    centres = np.minimum(np.arange(-(-n // factor)) * factor + (factor - 1) / 2, n - 1)
     x = np.arange(n, dtype=np.float64)
     i0 = np.clip(np.searchsorted(centres, x, side="right") - 1, 0, len(centres) - 1)
     i1 = np.minimum(i0 + 1, len(centres) - 1)

@@ -11,7 +11,7 @@ TISSUES = (
     "air", "table", "fat", "muscle", "lung", "heart", "bowel", "stomach", "pancreas", "spleen",
     "liver", "kidney", "gallbladder", "vessel", "bone", "tumor", "other",
 )  # fmt: skip
-_T = {name: np.uint8(i) for i, name in enumerate(TISSUES)}
+TISSUE_CODE = {name: np.uint8(i) for i, name in enumerate(TISSUES)}
 
 
 class Grid:
@@ -92,14 +92,14 @@ def smooth_field(rng, axes, lo, hi, scale_mm) -> np.ndarray:
     return np.ascontiguousarray(np.tensordot(f, mats[2], axes=(1, 1)))
 
 
-def _texture(rng, shape, sigma_vox) -> np.ndarray:
+def texture(rng, shape, sigma_vox) -> np.ndarray:
     """Fine correlated noise of unit std (parenchyma grain), float32 ``shape``."""
     noise = rng.standard_normal(shape, dtype=np.float32)
     noise = ndimage.gaussian_filter(noise, np.maximum(sigma_vox, 0.5), mode="nearest")
     return noise / max(float(noise.std()), 1e-6)
 
 
-def _segment_distance(X, Y, Z, p0, p1) -> np.ndarray:
+def segment_distance(X, Y, Z, p0, p1) -> np.ndarray:
     """Distance (mm) from each point to the segment ``p0``-``p1``."""
     d = np.asarray(p1, np.float32) - np.asarray(p0, np.float32)
     t = ((X - p0[0]) * d[0] + (Y - p0[1]) * d[1] + (Z - p0[2]) * d[2]) / max(float(d @ d), 1e-6)
@@ -109,7 +109,7 @@ def _segment_distance(X, Y, Z, p0, p1) -> np.ndarray:
     )
 
 
-def _ellipsoid(X, Y, Z, centre, semi, angle_deg=0.0) -> np.ndarray:
+def ellipsoid(X, Y, Z, centre, semi, angle_deg=0.0) -> np.ndarray:
     """Normalised radius (1 on the surface) of an ellipsoid turned by ``angle`` about z."""
     c, s = np.cos(np.radians(angle_deg)), np.sin(np.radians(angle_deg))
     dx, dy = X - centre[0], Y - centre[1]
@@ -117,15 +117,15 @@ def _ellipsoid(X, Y, Z, centre, semi, angle_deg=0.0) -> np.ndarray:
     return np.sqrt((u / semi[0]) ** 2 + (v / semi[1]) ** 2 + ((Z - centre[2]) / semi[2]) ** 2)
 
 
-def _smax(parts, k) -> np.ndarray:
+def smooth_max(parts, k) -> np.ndarray:
     """Smooth maximum (soft intersection of ``c < 0`` regions), rounding corners over ~k mm."""
     top = functools.reduce(np.maximum, parts)
     return top + k * np.log(sum(np.exp((p - top) / k) for p in parts))
 
 
-def _put(canvas, sl, mask, value, tissue) -> None:
+def put_tissue(canvas, sl, mask, value, tissue) -> None:
     """Paint ``value`` (scalar or array broadcastable to the box) where ``mask``; set tissue."""
     region = canvas.hu[sl]
     mask = np.broadcast_to(mask, region.shape)
     region[mask] = value if np.ndim(value) == 0 else np.broadcast_to(value, mask.shape)[mask]
-    canvas.tissue[sl][mask] = _T[tissue]
+    canvas.tissue[sl][mask] = TISSUE_CODE[tissue]

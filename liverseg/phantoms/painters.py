@@ -9,13 +9,13 @@ from scipy.special import expit
 
 from liverseg.phantoms.anatomy import Anatomy
 from liverseg.phantoms.grid import (
-    _T,
+    TISSUE_CODE,
     Grid,
-    _ellipsoid,
-    _put,
-    _segment_distance,
-    _smax,
-    _texture,
+    ellipsoid,
+    put_tissue,
+    segment_distance,
+    smooth_max,
+    texture,
 )
 
 
@@ -61,13 +61,13 @@ def _paint_wall(c: _Canvas, rng, shape_field) -> None:
     sl, (X, Y, Z) = c.grid.full()
     b_post = an.body[2]
     table_y = -b_post - 12 - 6e-4 * X**2 + 0 * Z
-    _put(c, sl, (np.abs(Y - table_y) < 1.5) & (np.abs(X) < 0.45 * (c.grid.hi[0] - c.grid.lo[0])),
-         hu["table"], "table")  # fmt: skip
-    _put(c, sl, an.outline_power(X, Y, Z) * shape_field <= 1, hu["fat"], "fat")
+    table = (np.abs(Y - table_y) < 1.5) & (np.abs(X) < 0.45 * (c.grid.hi[0] - c.grid.lo[0]))
+    put_tissue(c, sl, table, hu["table"], "table")
+    put_tissue(c, sl, an.outline_power(X, Y, Z) * shape_field <= 1, hu["fat"], "fat")
     wall = an.outline_power(X, Y, Z, an.fat_mm, 0.6 * an.fat_mm) * shape_field <= 1
-    _put(c, sl, wall, hu["muscle"], "muscle")
+    put_tissue(c, sl, wall, hu["muscle"], "muscle")
     strands = expit(3 * (c.grid.field(rng, 12.0, sl) - 1.2))
-    _put(c, sl, c.cavity <= 1, hu["fat"] + (hu["muscle"] - hu["fat"]) * strands, "fat")
+    put_tissue(c, sl, c.cavity <= 1, hu["fat"] + (hu["muscle"] - hu["fat"]) * strands, "fat")
 
 
 def _paint_thorax(c: _Canvas, rng) -> None:
@@ -81,10 +81,10 @@ def _paint_thorax(c: _Canvas, rng) -> None:
     lung = cav & (Z > zd)
     f1, f2 = c.grid.field(rng, 14.0, sl), c.grid.field(rng, 14.0, sl)
     vessels = (np.abs(f1) < 0.1) & (np.abs(f2) < 0.1)
-    _put(c, sl, lung, hu["lung"] + 750 * vessels, "lung")
-    _put(c, sl, cav & (Z > zd - 4) & (Z <= zd), hu["muscle"], "muscle")
+    put_tissue(c, sl, lung, hu["lung"] + 750 * vessels, "lung")
+    put_tissue(c, sl, cav & (Z > zd - 4) & (Z <= zd), hu["muscle"], "muscle")
     centre, semi = an.heart
-    _put(c, sl, lung & (_ellipsoid(X, Y, Z, centre, semi) <= 1), hu["heart"], "heart")
+    put_tissue(c, sl, lung & (ellipsoid(X, Y, Z, centre, semi) <= 1), hu["heart"], "heart")
 
 
 def _paint_bowel(c: _Canvas, rng) -> None:
@@ -97,12 +97,12 @@ def _paint_bowel(c: _Canvas, rng) -> None:
     loops = c.grid.field(rng, an.bowel_mm, sl)
     crowd = c.grid.field(rng, 50.0, sl)
     gas = c.grid.field(rng, 18.0, sl) + 0.6 * Y / an.cavity[1]
-    mottle = _texture(rng, loops.shape, 2.0 / c.grid.spacing)
+    mottle = texture(rng, loops.shape, 2.0 / c.grid.spacing)
     bowel = belly & (loops > 0.0) & (crowd > -0.5)
     lumen = bowel & (loops > 0.3)
-    _put(c, sl, bowel, hu["bowel_wall"], "bowel")
+    put_tissue(c, sl, bowel, hu["bowel_wall"], "bowel")
     content = np.where(gas > 1.2, AIR_HU, hu["fluid"] + 20 * np.maximum(mottle, 0))
-    _put(c, sl, lumen, content, "bowel")
+    put_tissue(c, sl, lumen, content, "bowel")
 
 
 def _paint_stomach(c: _Canvas, rng) -> None:
@@ -113,16 +113,16 @@ def _paint_stomach(c: _Canvas, rng) -> None:
     sl, (X, Y, Z) = c.grid.box(np.subtract(centre, ext), np.add(centre, ext))
     if sl is None:
         return
-    r = _ellipsoid(X, Y, Z, centre, semi) + 0.12 * c.grid.field(rng, 20.0, sl)
+    r = ellipsoid(X, Y, Z, centre, semi) + 0.12 * c.grid.field(rng, 20.0, sl)
     inside = (r <= 1) & (c.cavity[sl] <= 1) & (Z < c.diaphragm[sl[0], sl[1]] - 4)
     lumen = inside & (r <= 1 - 4.0 / float(np.mean(semi)))
-    _put(c, sl, inside, hu["bowel_wall"], "stomach")
-    mottle = _texture(rng, r.shape, 2.0 / c.grid.spacing)
+    put_tissue(c, sl, inside, hu["bowel_wall"], "stomach")
+    mottle = texture(rng, r.shape, 2.0 / c.grid.spacing)
     content = hu["fluid"] + (40 + 30 * mottle if food else 0 * mottle)
     content = np.where(Y > centre[1] + level * semi[1], AIR_HU, content)
     if food:
         content = np.where(mottle > 1.6, AIR_HU, content)
-    _put(c, sl, lumen, content, "stomach")
+    put_tissue(c, sl, lumen, content, "stomach")
 
 
 def _paint_muscles_and_pancreas(c: _Canvas, rng) -> None:
@@ -130,27 +130,27 @@ def _paint_muscles_and_pancreas(c: _Canvas, rng) -> None:
     an, hu = c.an, c.an.hu
     sl, (X, Y, Z) = c.grid.full()
     spine_y, spine_r = an.spine[:2]
-    body = c.tissue != _T["air"]
+    body = c.tissue != TISSUE_CODE["air"]
     for side in (1, -1):
         para = ((X - side * (spine_r + 14)) / 26) ** 2 + ((Y - spine_y + spine_r + 24) / 24) ** 2
-        _put(c, sl, body & (para <= 1 + 0 * Z), hu["muscle"], "muscle")
+        put_tissue(c, sl, body & (para <= 1 + 0 * Z), hu["muscle"], "muscle")
         top = an.kidneys[0][0][2]
         radius = 22 * np.clip((top - Z) / 60 + 0.2, 0, 1)
         psoas = np.hypot(X - side * (spine_r + 16), Y - spine_y - 2) <= radius
-        _put(c, sl, psoas & (c.cavity <= 1), hu["muscle"], "muscle")
+        put_tissue(c, sl, psoas & (c.cavity <= 1), hu["muscle"], "muscle")
     p0, p1, p2, radius = an.pancreas
     lo = np.minimum(np.minimum(p0, p1), p2) - 20
     hi = np.maximum(np.maximum(p0, p1), p2) + 20
     sl, (X, Y, Z) = c.grid.box(lo, hi)
     if sl is None:
         return
-    dist = np.minimum(_segment_distance(X, Y, Z, p0, p1), _segment_distance(X, Y, Z, p1, p2))
+    dist = np.minimum(segment_distance(X, Y, Z, p0, p1), segment_distance(X, Y, Z, p1, p2))
     gland = (dist + 3 * c.grid.field(rng, 8.0, sl) <= radius) & (c.cavity[sl] <= 1)
-    _put(
+    put_tissue(
         c,
         sl,
         gland,
-        hu["pancreas"] + 8 * _texture(rng, dist.shape, 1.5 / c.grid.spacing),
+        hu["pancreas"] + 8 * texture(rng, dist.shape, 1.5 / c.grid.spacing),
         "pancreas",
     )
 
@@ -202,7 +202,7 @@ def _liver_distance(c: _Canvas, rng):
         (back - v) * cb_post,
     ]
     bend = 7 * c.grid.field(rng, 35.0, sl) + 2.5 * c.grid.field(rng, 14.0, sl)
-    return sl, _smax(parts, 5.0) + bend
+    return sl, smooth_max(parts, 5.0) + bend
 
 
 def _spleen_distance(c: _Canvas, rng):
@@ -212,10 +212,10 @@ def _spleen_distance(c: _Canvas, rng):
     sl, (X, Y, Z) = c.grid.box(np.subtract(centre, ext), np.add(centre, ext))
     if sl is None:
         return None, None
-    core = (_ellipsoid(X, Y, Z, centre, semi, angle) - 1) * 0.5 * float(np.mean(semi))
+    core = (ellipsoid(X, Y, Z, centre, semi, angle) - 1) * 0.5 * float(np.mean(semi))
     core = core + 4 * c.grid.field(rng, 20.0, sl)
     parts = [core, _cavity_depth(c, sl) + 2, Z - (c.diaphragm[sl[0], sl[1]] - 4)]
-    return sl, _smax(parts, 3.0)
+    return sl, smooth_max(parts, 3.0)
 
 
 def _paint_parenchyma(c: _Canvas, rng, tissue: str, region) -> None:
@@ -224,11 +224,11 @@ def _paint_parenchyma(c: _Canvas, rng, tissue: str, region) -> None:
     if sl is None:
         return
     hu = c.an.hu
-    grain = _texture(rng, distance.shape, 1.5 / c.grid.spacing)
+    grain = texture(rng, distance.shape, 1.5 / c.grid.spacing)
     value = (
         hu["liver"] + hu["liver_shade"] * c.grid.field(rng, 40.0, sl) + hu["liver_grain"] * grain
     )
-    _put(c, sl, distance < 0, value, tissue)
+    put_tissue(c, sl, distance < 0, value, tissue)
 
 
 def _paint_liver_vessels(c: _Canvas, rng) -> None:
@@ -257,17 +257,17 @@ def _paint_liver_vessels(c: _Canvas, rng) -> None:
         sl, (X, Y, Z) = c.grid.box(lo, hi)
         if sl is None:
             continue
-        tube = _segment_distance(X, Y, Z, p0, p1) <= radius
-        liver = c.tissue[sl] == _T["liver"]
-        _put(c, sl, tube & liver, an.hu["vessel"], "liver")
+        tube = segment_distance(X, Y, Z, p0, p1) <= radius
+        liver = c.tissue[sl] == TISSUE_CODE["liver"]
+        put_tissue(c, sl, tube & liver, an.hu["vessel"], "liver")
         if leaves:
-            _put(c, sl, tube & ~liver & (c.cavity[sl] <= 1), an.hu["vessel"], "vessel")
+            put_tissue(c, sl, tube & ~liver & (c.cavity[sl] <= 1), an.hu["vessel"], "vessel")
     sl, _ = c.grid.box((-ca, -cb_post, dome - height - 40), (ca, cb_ant, dome + 5))
     if sl is None:
         return
     f1, f2 = c.grid.field(rng, 10.0, sl), c.grid.field(rng, 10.0, sl)
-    fine = (np.abs(f1) < 0.1) & (np.abs(f2) < 0.1) & (c.tissue[sl] == _T["liver"])
-    _put(c, sl, fine, an.hu["vessel"] - 20, "liver")
+    fine = (np.abs(f1) < 0.1) & (np.abs(f2) < 0.1) & (c.tissue[sl] == TISSUE_CODE["liver"])
+    put_tissue(c, sl, fine, an.hu["vessel"] - 20, "liver")
 
 
 def _paint_retroperitoneum(c: _Canvas, rng) -> None:
@@ -280,25 +280,25 @@ def _paint_retroperitoneum(c: _Canvas, rng) -> None:
         )
         if sl is None:
             continue
-        r = _ellipsoid(X + side * 0.25 * (Z - centre[2]), Y, Z, centre, semi)
+        r = ellipsoid(X + side * 0.25 * (Z - centre[2]), Y, Z, centre, semi)
         r = r + 0.04 * c.grid.field(rng, 15.0, sl)
-        _put(c, sl, r <= 1, hu["kidney"], "kidney")
-        _put(c, sl, r <= 0.72, hu["medulla"], "kidney")
+        put_tissue(c, sl, r <= 1, hu["kidney"], "kidney")
+        put_tissue(c, sl, r <= 0.72, hu["medulla"], "kidney")
         sinus = (r <= 0.6) & (side * (X - centre[0]) < -0.2 * semi[0])
-        _put(c, sl, sinus, hu["fat"] + 40, "fat")
+        put_tissue(c, sl, sinus, hu["fat"] + 40, "fat")
     if an.gallbladder is not None:
         x, y, lift, semi = an.gallbladder
         centre = (x, y, float(_liver_bottom(an, np.float32(x), np.float32(y))) + lift)
         sl, (X, Y, Z) = c.grid.box(np.subtract(centre, semi), np.add(centre, semi))
         if sl is not None:
-            bag = (_ellipsoid(X, Y, Z, centre, semi) <= 1) & (c.cavity[sl] <= 1)
-            _put(c, sl, bag, hu["gallbladder"], "gallbladder")
+            bag = (ellipsoid(X, Y, Z, centre, semi) <= 1) & (c.cavity[sl] <= 1)
+            put_tissue(c, sl, bag, hu["gallbladder"], "gallbladder")
     sl, (X, Y, Z) = c.grid.full()
     x, y, rx, ry = an.ivc
     ivc = (((X - x) / rx) ** 2 + ((Y - y) / ry) ** 2 <= 1) & (Z < c.diaphragm + 10)
-    _put(c, sl, ivc, hu["ivc"], "vessel")
+    put_tissue(c, sl, ivc, hu["ivc"], "vessel")
     x, y, radius = an.aorta
-    _put(c, sl, np.hypot(X - x, Y - y) + 0 * Z <= radius, hu["aorta"], "vessel")
+    put_tissue(c, sl, np.hypot(X - x, Y - y) + 0 * Z <= radius, hu["aorta"], "vessel")
 
 
 def _paint_bones(c: _Canvas, rng) -> None:
@@ -309,16 +309,16 @@ def _paint_bones(c: _Canvas, rng) -> None:
     cortex = hu["cortical_bone"]
     body = np.hypot(X / 1.15, Y - spine_y) / radius
     disc = ((Z / pitch - phase) % 1.0) < 8.0 / pitch
-    _put(c, sl, body <= 1, np.where(body > 1 - 2.5 / radius, cortex, hu["marrow"]), "bone")
-    _put(c, sl, (body <= 0.9) & disc, 90.0, "other")
+    put_tissue(c, sl, body <= 1, np.where(body > 1 - 2.5 / radius, cortex, hu["marrow"]), "bone")
+    put_tissue(c, sl, (body <= 0.9) & disc, 90.0, "other")
     canal_y = spine_y - radius - 9
     canal = np.hypot(X, Y - canal_y)
     arch = (canal > 8) & (canal <= 14) & (Y < canal_y + 3)
     spinous = (np.abs(X) < 4) & (Y < canal_y) & (Y > canal_y - 32)
     mid_body = np.abs((Z / pitch - phase) % 1.0 - 0.6) < 0.15
     transverse = (np.abs(Y - canal_y - 3) < 3) & (np.abs(X) < radius + 10) & (canal > 8) & mid_body
-    _put(c, sl, (arch | spinous | transverse) & ~disc, hu["marrow"] + 100, "bone")
-    _put(c, sl, (canal <= 8) + 0 * Z > 0, 15.0, "other")
+    put_tissue(c, sl, (arch | spinous | transverse) & ~disc, hu["marrow"] + 100, "bone")
+    put_tissue(c, sl, (canal <= 8) + 0 * Z > 0, 15.0, "other")
     ring = np.nonzero((c.cavity > 0.93) & (c.cavity < 1.06))
     x, y, z = (ax[i] for ax, i in zip(c.grid.axes, ring))
     around = np.abs(np.arctan2(x, -y)) / np.pi  # 0 at the spine, 1 at the sternum
@@ -327,4 +327,4 @@ def _paint_bones(c: _Canvas, rng) -> None:
     rib &= (around > 0.08) & (around < 0.8) & (z > an.domes[0] - 150 + 90 * around)
     keep = tuple(i[rib] for i in ring)
     c.hu[keep] = hu["marrow"] + 0.4 * (cortex - hu["marrow"])
-    c.tissue[keep] = _T["bone"]
+    c.tissue[keep] = TISSUE_CODE["bone"]

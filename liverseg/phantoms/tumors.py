@@ -7,7 +7,7 @@ from scipy import ndimage
 from scipy.special import expit
 
 from liverseg.phantoms.anatomy import Anatomy
-from liverseg.phantoms.grid import _T, Grid, _texture, smooth_field
+from liverseg.phantoms.grid import TISSUE_CODE, Grid, smooth_field, texture
 
 MAX_TUMORS = 12
 TUMOR_RADIUS_MM = (2.0, 30.0)
@@ -40,11 +40,13 @@ def paint_tumors(rng: np.random.Generator, grid: Grid, an: Anatomy, hu, tissue) 
     at_edge = rng.random(MAX_TUMORS) < 0.3
     where = rng.random(MAX_TUMORS)
     looks = rng.random((MAX_TUMORS, 5))
-    found = ndimage.find_objects((tissue == _T["liver"]).astype(np.uint8))
+    found = ndimage.find_objects((tissue == TISSUE_CODE["liver"]).astype(np.uint8))
     if not found or found[0] is None:
         return
     bbox = found[0]
-    distance = ndimage.distance_transform_edt(tissue[bbox] == _T["liver"], sampling=grid.spacing)
+    distance = ndimage.distance_transform_edt(
+        tissue[bbox] == TISSUE_CODE["liver"], sampling=grid.spacing
+    )
     for k in range(count):
         centre, radius = _place_tumor(grid, bbox, distance, radii[k], at_edge[k], where[k])
         _paint_tumor(rng, grid, an, hu, tissue, centre, radius, _KINDS[kinds[k]], looks[k])
@@ -87,12 +89,12 @@ def _paint_tumor(rng, grid, an, hu, tissue, centre, radius, kind, looks) -> None
         profile += (20 + 30 * looks[2] - core) * expit((d - 0.75) / 0.06)
     if kind == "hypodense" and radius > 12:
         profile -= (10 + 20 * looks[2]) * expit((0.45 - d) / 0.08)
-    grain = _texture(rng, d.shape, 1.5 / grid.spacing)
+    grain = texture(rng, d.shape, 1.5 / grid.spacing)
     softness = 0.04 + 0.11 * looks[3]
     weight = expit((1 - d) / softness)
     region_t = tissue[sl]
-    liver = (region_t == _T["liver"]) | (region_t == _T["tumor"])
+    liver = (region_t == TISSUE_CODE["liver"]) | (region_t == TISSUE_CODE["tumor"])
     lesion = an.hu["liver"] + profile + (4 + 6 * looks[4]) * grain
     region = hu[sl]
     region[liver] = ((1 - weight) * region + weight * lesion)[liver]
-    region_t[liver & (d <= 1)] = _T["tumor"]
+    region_t[liver & (d <= 1)] = TISSUE_CODE["tumor"]

@@ -13,6 +13,7 @@ import math
 import random
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -153,6 +154,7 @@ def build_training_loader(
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global random generators with ``seed``."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -208,16 +210,37 @@ def record_epoch(
     plot_curves(rows, run_dir / "curves.png")
 
 
-def fit(config: Config) -> dict:
-    """Train as ``config`` says; resume from ``<run.dir>/checkpoints/last.pt`` when present.
+@dataclass
+class _Run:
+    """What a training run carries from one epoch to the next."""
 
-    Returns:
-        ``{"epoch", "best_metric", "metrics": last validation Dice, "run_dir"}``.
-    """
-    check_config(config)
+    config: Config
+    dir: Path
+    train_cases: list[Case]
+    val_cases: list[Case]
+    device: torch.device
+    dtype: torch.dtype | None
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    start_epoch: int = 1
+    best_metric: float = -math.inf
+    rows: list[dict] = field(default_factory=list)
+
+    @property
+    def last(self) -> Path:
+        return self.dir / "checkpoints" / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.dir / "checkpoints" / "best.pt"
+
+
+def _start_run(config: Config) -> _Run:
+    """Split, check the resume, save the config, seed, then build or resume model and optimizer."""
     run_dir = Path(config.run.dir)
-    last, best = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
     train_cases, val_cases = split_cases(config, run_dir)
+    last = run_dir / "checkpoints" / "last.pt"
     checkpoint = resume_state(config, last)
     save_config(config, run_dir / "config.yaml")
     seed_everything(config.train.seed)
@@ -225,66 +248,91 @@ def fit(config: Config) -> dict:
     device = resolve_device(config.train.device)
     dtype = autocast_dtype(config.train.amp, device)
     model, optimizer, scaler = build_training_state(config, device, dtype)
-    start_epoch, best_metric, rows = 1, -math.inf, []
+    run = _Run(config, run_dir, train_cases, val_cases, device, dtype, model, optimizer, scaler)
     if checkpoint is not None:
         restore_training_state(checkpoint, model, optimizer, scaler)
-        start_epoch, best_metric = checkpoint["epoch"] + 1, checkpoint["best_metric"]
-        rows = read_metrics(run_dir / "metrics.csv", checkpoint["epoch"])
-        log.info("resuming %s at epoch %d", last, start_epoch)
+        run.start_epoch, run.best_metric = checkpoint["epoch"] + 1, checkpoint["best_metric"]
+        run.rows = read_metrics(run_dir / "metrics.csv", checkpoint["epoch"])
+        log.info("resuming %s at epoch %d", last, run.start_epoch)
+    return run
 
-    cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else run_dir / "cache"
-    loader = build_training_loader(config, train_cases, cache_dir, device.type == "cuda")
+
+def _run_epoch(
+    run: _Run, epoch: int, loader, settings: InferenceSettings, preprocessing: dict
+) -> dict[str, float]:
+    """Set the epoch's lr, train, validate when due, record the epoch; its validation Dice."""
+    config, started = run.config, time.perf_counter()
+    for group in run.optimizer.param_groups:
+        group["lr"] = learning_rate(
+            config.train.lr, config.train.lr_schedule, epoch, config.train.epochs
+        )
+    loss = train_one_epoch(
+        run.model, loader, run.optimizer, run.scaler,
+        epoch=epoch, config=config, device=run.device, dtype=run.dtype,
+    )  # fmt: skip
+    validating = run.val_cases and (
+        epoch % config.train.val_every == 0 or epoch == config.train.epochs
+    )
+    scores = validate(run.model, run.val_cases, settings, run.device) if validating else {}
+    lr = run.optimizer.param_groups[0]["lr"]
+    run.rows.append(metrics_row(epoch, loss, lr, scores, started))
+    score = selection_score(scores)
+    improved = math.isfinite(loss) and math.isfinite(score) and score > run.best_metric
+    run.best_metric = score if improved else run.best_metric
+    state = None
+    if math.isfinite(loss):  # NaN is never saved
+        state = training_state(
+            run.model, run.optimizer, run.scaler, epoch, run.best_metric, config, preprocessing
+        )
+    record_epoch(run.dir, run.rows, state, [run.last, run.best] if improved else [run.last])
+    log.info(
+        "epoch %d: loss %.4f%s (%.0f s)",
+        epoch,
+        loss,
+        "".join(f", {k} {v:.3f}" for k, v in scores.items()),
+        time.perf_counter() - started,
+    )
+    return scores
+
+
+def _finish_run(run: _Run, scores: dict[str, float]) -> dict:
+    """Write the final validation predictions when asked; the result :func:`fit` returns."""
+    if run.config.run.final_predictions and run.val_cases:
+        # The final model, not best.pt: a best picked on a few validation cases was never
+        # clearly better on 40 other phantoms and once much worse (README, "Choosing").
+        write_final_predictions(run.dir, run.last, run.val_cases, run.config)
+    return {
+        "epoch": run.config.train.epochs,
+        "best_metric": run.best_metric,
+        "metrics": scores,
+        "run_dir": run.dir,
+    }
+
+
+def fit(config: Config) -> dict:
+    """Train as ``config`` says; resume from ``<run.dir>/checkpoints/last.pt`` when present.
+
+    Returns:
+        ``{"epoch", "best_metric", "metrics": last validation Dice, "run_dir"}``.
+    """
+    check_config(config)
+    run = _start_run(config)
+    cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else run.dir / "cache"
+    loader = build_training_loader(config, run.train_cases, cache_dir, run.device.type == "cuda")
     preprocessing = preprocessing_record(
         config.data.hu_min, config.data.hu_max, config.data.factor, head_for_loss(config.train.loss)
     )
     settings = inference_settings(config, preprocessing)
     scores: dict[str, float] = {}
     for epoch in tqdm(
-        range(start_epoch, config.train.epochs + 1),
+        range(run.start_epoch, config.train.epochs + 1),
         desc="epochs",
         unit="epoch",
-        initial=start_epoch - 1,
+        initial=run.start_epoch - 1,
         total=config.train.epochs,
     ):
-        started = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(
-                config.train.lr, config.train.lr_schedule, epoch, config.train.epochs
-            )
-        loss = train_one_epoch(
-            model, loader, optimizer, scaler, epoch=epoch, config=config, device=device, dtype=dtype
-        )
-        validating = val_cases and (
-            epoch % config.train.val_every == 0 or epoch == config.train.epochs
-        )
-        scores = validate(model, val_cases, settings, device) if validating else {}
-        rows.append(metrics_row(epoch, loss, optimizer.param_groups[0]["lr"], scores, started))
-        score = selection_score(scores)
-        improved = math.isfinite(loss) and math.isfinite(score) and score > best_metric
-        best_metric = score if improved else best_metric
-        state = None
-        if math.isfinite(loss):  # NaN is never saved
-            state = training_state(
-                model, optimizer, scaler, epoch, best_metric, config, preprocessing
-            )
-        record_epoch(run_dir, rows, state, [last, best] if improved else [last])
-        log.info(
-            "epoch %d: loss %.4f%s (%.0f s)",
-            epoch,
-            loss,
-            "".join(f", {k} {v:.3f}" for k, v in scores.items()),
-            time.perf_counter() - started,
-        )
-    if config.run.final_predictions and val_cases:
-        # The final model, not best.pt: a best picked on a few validation cases was never
-        # clearly better on 40 other phantoms and once much worse (README, "Choosing").
-        write_final_predictions(run_dir, last, val_cases, config)
-    return {
-        "epoch": config.train.epochs,
-        "best_metric": best_metric,
-        "metrics": scores,
-        "run_dir": run_dir,
-    }
+        scores = _run_epoch(run, epoch, loader, settings, preprocessing)
+    return _finish_run(run, scores)
 
 
 def write_final_predictions(run_dir: Path, checkpoint: Path, cases: list[Case], config) -> None:

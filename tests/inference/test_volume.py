@@ -1,4 +1,4 @@
-"""Whole-volume inference: geometry, blending, zoom, post-processing, checkpoints."""
+"""Whole-volume inference: geometry, blending, reduction factor, post-processing, checkpoints."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch import nn
 from liverseg.checkpoints import load_model, preprocessing_record
 from liverseg.config import Config, DataConfig, ModelConfig, to_dict
 from liverseg.constants import BACKGROUND, LIVER, TUMOR
-from liverseg.devices import _cpu_supports_bf16, uses_channels_last
+from liverseg.devices import cpu_supports_bf16, uses_channels_last
 from liverseg.errors import CheckpointError, DataError, LiversegError
 from liverseg.inference.postprocess import Postprocess, postprocess_labels
 from liverseg.inference.settings import InferenceSettings
@@ -142,7 +142,7 @@ def test_model_sees_canonical_orientation():
 
 
 @pytest.mark.parametrize("shape", [(40, 36, 30), (41, 37, 29)])
-def test_zoom_round_trip_keeps_a_blob(shape):
+def test_factor_2_round_trip_keeps_a_blob(shape):
     grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"))
     centre = np.array(shape)[:, None, None, None] / 2
     mask = ((grid - centre) ** 2).sum(0) < 10**2
@@ -213,7 +213,7 @@ def structured_ct(shape=(24, 24, 24), seed=0):
     return ct + np.random.default_rng(seed).normal(0, 10, shape)
 
 
-@pytest.mark.skipif(not _cpu_supports_bf16(), reason="this CPU has no bf16 support")
+@pytest.mark.skipif(not cpu_supports_bf16(), reason="this CPU has no bf16 support")
 def test_bf16_autocast_gives_the_same_labels_as_fp32():
     torch.manual_seed(3)
     model = UNet3D(1, 2, features=(16, 32))

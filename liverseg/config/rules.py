@@ -1,0 +1,229 @@
+"""The config's rules: the allowed choices and ranges of its keys, and the keys that must agree.
+
+:func:`check_config` refuses a config that breaks one, before any data is read: a choice outside
+:data:`CHOICES` names the nearest choice, a number outside :data:`RANGES` its range, and keys that
+do not agree each other. Every message names where the value came from.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from liverseg.config.schema import DEFAULT_SOURCE, Config, get_value, plain_value
+from liverseg.constants import (
+    AMP_MODES,
+    BLENDINGS,
+    DEVICE_TYPES,
+    LABEL_VALUES,
+    LOSSES,
+    LR_SCHEDULES,
+    NORMS,
+    RESUME_MODES,
+)
+from liverseg.errors import ConfigError
+
+# The allowed values of each choice key (their meanings: liverseg.constants, default.yaml).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.norm": NORMS,
+    "train.lr_schedule": LR_SCHEDULES,
+    "train.loss": LOSSES,
+    "train.amp": AMP_MODES,
+    "train.resume": RESUME_MODES,
+    "inference.blending": BLENDINGS,
+    "inference.amp": AMP_MODES,
+}
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The allowed range of a numeric key, or of each of its values for a tuple key."""
+
+    low: float
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"in {left}{self.low:g}, {self.high:g}{right}"
+
+
+_POSITIVE = Bounds(0, low_open=True)
+_NON_NEGATIVE = Bounds(0)
+_FRACTION = Bounds(0, 1, high_open=True)
+# Numeric keys whose values are limited; a value outside is refused when the config loads.
+RANGES: dict[str, Bounds] = {
+    "data.num_train": Bounds(1),
+    "data.factor": Bounds(1),
+    "data.shape": Bounds(1),
+    "data.patch_size": Bounds(1),
+    "data.samples_per_volume": Bounds(1),
+    "data.queue_length": Bounds(1),
+    "data.batch_size": Bounds(1),
+    "data.num_workers": _NON_NEGATIVE,
+    "data.scales": _POSITIVE,
+    "data.affine_tolerance_mm": _NON_NEGATIVE,
+    "model.features": Bounds(1),
+    "model.dropout": _FRACTION,
+    "train.epochs": Bounds(1),
+    "train.lr": _POSITIVE,
+    "train.val_every": Bounds(1),
+    "train.max_nonfinite": Bounds(1),
+    "train.iterations_per_epoch": _NON_NEGATIVE,
+    "inference.overlap": _FRACTION,
+    "inference.batch_size": Bounds(1),
+    "inference.min_tumor_mm3": _NON_NEGATIVE,
+    "phantoms.cases": _NON_NEGATIVE,
+    "phantoms.shape": Bounds(1),
+}
+
+# The keys a problem concerns (their sources are named) and what is wrong.
+_Problem = tuple[tuple[str, ...], str]
+
+
+def nearest_hint(value: str, choices: list[str] | tuple[str, ...], cutoff: float = 0.6) -> str:
+    """``"; did you mean 'x'?"`` for the choice most like ``value``, or "" if none is alike.
+
+    Args:
+        value: What the user wrote (a key or a choice).
+        choices: The real keys or choices.
+        cutoff: How alike (0 to 1, difflib's ratio) the nearest must be to be named.
+
+    Returns:
+        The hint to append to a message, or "".
+    """
+    nearest = difflib.get_close_matches(str(value), choices, n=1, cutoff=cutoff)
+    return f"; did you mean '{nearest[0]}'?" if nearest else ""
+
+
+def _show(config: Config, key: str) -> str:
+    """``key=value`` as the user wrote it (lists, quoted strings)."""
+    return f"{key}={plain_value(get_value(config, key))!r}"
+
+
+def _choice_problems(config: Config) -> Iterator[_Problem]:
+    for key, choices in CHOICES.items():
+        value = get_value(config, key)
+        if value not in choices:
+            allowed = ", ".join(choices)
+            hint = nearest_hint(value, choices)
+            yield (key,), f"{_show(config, key)} is not one of {allowed}{hint}"
+    # Whether the device exists is asked when training starts: a checkpoint moves between machines.
+    kind, colon, index = config.train.device.partition(":")
+    if kind not in DEVICE_TYPES or (colon and (kind == "auto" or not index.isdigit())):
+        hint = nearest_hint(kind, DEVICE_TYPES)
+        text = f"{_show(config, 'train.device')} is not auto, cpu, cuda, cuda:N or mps{hint}"
+        yield ("train.device",), text
+
+
+def _range_problems(config: Config) -> Iterator[_Problem]:
+    for key, bounds in RANGES.items():
+        value = get_value(config, key)
+        if isinstance(value, tuple):
+            if not all(v in bounds for v in value):
+                yield (key,), f"{_show(config, key)}: each value must be {bounds}"
+        elif value not in bounds:
+            yield (key,), f"{_show(config, key)} must be {bounds}"
+
+
+def _hu_window_problems(config: Config) -> Iterator[_Problem]:
+    if not config.data.hu_max > config.data.hu_min:
+        yield (
+            ("data.hu_min", "data.hu_max"),
+            f"{_show(config, 'data.hu_max')} must exceed {_show(config, 'data.hu_min')}",
+        )
+
+
+def _level_problems(config: Config) -> Iterator[_Problem]:
+    """The UNet's levels against the patch size and the deep-supervision heads."""
+    levels, patch_size = len(config.model.features), config.data.patch_size
+    features = _show(config, "model.features")
+    if levels < 2:
+        yield ("model.features",), f"{features}: at least 2 levels are needed"
+    multiple = 2 ** max(levels - 1, 0)
+    if levels >= 2 and patch_size >= 1 and patch_size % multiple:
+        lower = patch_size // multiple * multiple
+        use = f"{lower} or {lower + multiple}" if lower else f"{multiple}"
+        yield (
+            ("data.patch_size", "model.features"),
+            f"{_show(config, 'data.patch_size')} must be a multiple of {multiple} for {features} "
+            f"(2 ** (levels - 1)); use {use}",
+        )
+    if not 0 <= config.model.deep_supervision <= max(levels - 2, 0):
+        yield (
+            ("model.deep_supervision", "model.features"),
+            f"{_show(config, 'model.deep_supervision')} must be in [0, {max(levels - 2, 0)}] for "
+            f"{features} (at most levels - 2)",
+        )
+
+
+def _sampling_problems(config: Config) -> Iterator[_Problem]:
+    """The label probabilities of the patch sampler, and a split that leaves validation cases."""
+    probabilities = config.data.label_probabilities
+    if (
+        not set(probabilities) <= set(LABEL_VALUES)
+        or any(not p >= 0 for p in probabilities.values())
+        or not sum(probabilities.values()) > 0
+    ):
+        yield (
+            ("data.label_probabilities",),
+            f"{_show(config, 'data.label_probabilities')}: keys must be label values "
+            f"{list(LABEL_VALUES)}, values >= 0 and not all 0",
+        )
+    cases = config.phantoms.cases
+    if cases > 0 and config.data.split_file is None and not config.data.num_train < cases:
+        yield (
+            ("data.num_train", "phantoms.cases"),
+            f"{_show(config, 'data.num_train')} leaves no validation case of "
+            f"phantoms.cases={cases}; set data.num_train between 1 and {cases - 1}",
+        )
+
+
+def _agreement_problems(config: Config) -> Iterator[_Problem]:
+    """Keys that are valid alone but not together."""
+    yield from _hu_window_problems(config)
+    yield from _level_problems(config)
+    yield from _sampling_problems(config)
+
+
+def check_config(config: Config, source: str | Callable[[str], str] = "config") -> None:
+    """Refuse choices and numbers out of range, and keys that do not agree; before any data is read.
+
+    :func:`liverseg.config.load_config` and :func:`liverseg.config.from_dict` call it, so a
+    checkpoint's config is checked too.
+
+    Args:
+        config: The config to check.
+        source: Where the values came from, named in each message: one name (a file, a
+            checkpoint), or a function from a dotted key to the source that set it.
+
+    Raises:
+        ConfigError: Listing every problem, each with its source, key, value and what is allowed,
+            e.g. ``override inference.blending=hannn: inference.blending='hannn' is not one of
+            hann, average; did you mean 'hann'?``.
+    """
+    source_of = source if callable(source) else (lambda key: source)
+    problems = [
+        *_choice_problems(config),
+        *_range_problems(config),
+        *_agreement_problems(config),
+    ]
+    lines = []
+    for keys, text in problems:
+        sources = list(dict.fromkeys(source_of(key) for key in keys))
+        named = [s for s in sources if s != DEFAULT_SOURCE] or ["defaults"]
+        lines.append(f"{' and '.join(named)}: {text}")
+    if len(lines) == 1:
+        raise ConfigError(lines[0])
+    if lines:
+        raise ConfigError(f"{len(lines)} problems in the config:\n  " + "\n  ".join(lines))
