@@ -8,11 +8,8 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
 import liverseg
-from liverseg.config import Config, DataConfig, ModelConfig, to_dict
-from liverseg.model import UNet3D
 
 
 def test_import_is_lazy_and_config_needs_no_torch():
@@ -38,25 +35,8 @@ def test_unknown_name_is_an_attribute_error():
         liverseg.predict  # noqa: B018
 
 
-@pytest.fixture
-def checkpoint_factor_2(tmp_path):
-    """A tiny model trained (here: initialised) on data halved by `liverseg prepare`."""
-    torch.manual_seed(0)
-    config = Config(data=DataConfig(patch_size=16, factor=2), model=ModelConfig(features=(4, 8)))
-    path = tmp_path / "last.pt"
-    torch.save(
-        {
-            "model": UNet3D(1, 2, features=(4, 8)).state_dict(),
-            "epoch": 1,
-            "config": to_dict(config),
-            "preprocessing": {"hu_min": -150.0, "hu_max": 250.0, "factor": 2, "head": "regions"},
-        },
-        path,
-    )
-    return path
-
-
-def test_readme_snippet_on_an_original_resolution_scan(tmp_path, checkpoint_factor_2):
+def test_readme_snippet_on_an_original_resolution_scan(tmp_path, tiny_checkpoint):
+    checkpoint_factor_2 = tiny_checkpoint  # trained on data halved by `liverseg prepare`
     rng = np.random.default_rng(0)
     affine = np.array([[-0.8, 0, 0, 40.0], [0, -0.8, 0, 30.0], [0, 0, 2.0, -60.0], [0, 0, 0, 1]])
     ct = tmp_path / "ct.nii.gz"

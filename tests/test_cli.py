@@ -17,10 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from liverseg.checkpoints import preprocessing_record
 from liverseg.cli import main
-from liverseg.config import Config, DataConfig, ModelConfig, to_dict
-from liverseg.model import UNet3D
 from liverseg.phantoms import write_dataset
 
 torch.set_num_threads(1)
@@ -38,24 +35,9 @@ def dataset(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def checkpoint(tmp_path) -> Path:
-    """An untrained two-level UNet3D saved as training saves it (as in inference/test_batch.py)."""
-    torch.manual_seed(0)
-    config = Config(data=DataConfig(patch_size=16), model=ModelConfig(features=(4, 8)))
-    path = tmp_path / "best.pt"
-    torch.save(
-        {
-            "model": UNet3D(1, 2, features=(4, 8)).state_dict(),
-            "optimizer": {},
-            "epoch": 1,
-            "best_metric": 0.0,
-            "config": to_dict(config),
-            "preprocessing": preprocessing_record(-150, 250, 2, "regions"),
-            "version": "0.1.0",
-        },
-        path,
-    )
-    return path
+def checkpoint(tiny_checkpoint) -> Path:
+    """An untrained two-level UNet3D saved as training saves it (tests/conftest.py)."""
+    return tiny_checkpoint
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:

@@ -10,35 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-from liverseg.checkpoints import preprocessing_record
 from liverseg.cli import main
-from liverseg.config import Config, DataConfig, ModelConfig, to_dict
 from liverseg.constants import BACKGROUND, LIVER, TUMOR
 from liverseg.errors import CheckpointError
 from liverseg.inference.batch import collect_inputs, predict_paths, safe_name
-from liverseg.model import UNet3D
 
 torch.set_num_threads(1)
 
 
 @pytest.fixture
-def checkpoint(tmp_path):
-    torch.manual_seed(0)
-    config = Config(data=DataConfig(patch_size=16), model=ModelConfig(features=(4, 8)))
-    path = tmp_path / "best.pt"
-    torch.save(
-        {
-            "model": UNet3D(1, 2, features=(4, 8)).state_dict(),
-            "optimizer": {},
-            "epoch": 1,
-            "best_metric": 0.0,
-            "config": to_dict(config),
-            "preprocessing": preprocessing_record(-150, 250, 2, "regions"),
-            "version": "0.1.0",
-        },
-        path,
-    )
-    return path
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 def write_ct(path, shape=(20, 18, 12), affine=None, seed=0):

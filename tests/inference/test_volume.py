@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 import torchio as tio
+from conftest import write_tiny_checkpoint
 from torch import nn
 
-from liverseg.checkpoints import load_model, preprocessing_record
-from liverseg.config import Config, DataConfig, ModelConfig, to_dict
+from liverseg.checkpoints import load_model
 from liverseg.constants import BACKGROUND, LIVER, TUMOR
 from liverseg.devices import cpu_supports_bf16, uses_channels_last
 from liverseg.errors import CheckpointError, DataError, LiversegError
@@ -300,30 +300,9 @@ def test_postprocess_empty_volume():
 # --- checkpoints -------------------------------------------------------------------------------
 
 
-def tiny_config():
-    return Config(data=DataConfig(patch_size=16), model=ModelConfig(features=(4, 8)))
-
-
-def save_tiny_checkpoint(path, config=None, model=None):
-    config = config or tiny_config()
-    model = model or UNet3D(1, 2, features=config.model.features)
-    torch.save(
-        {
-            "model": model.state_dict(),
-            "optimizer": {},
-            "epoch": 3,
-            "best_metric": 0.5,
-            "config": to_dict(config),
-            "preprocessing": preprocessing_record(-150, 250, 2, "regions"),
-            "version": "0.1.0",
-        },
-        path,
-    )
-    return model
-
-
 def test_load_model_rebuilds_model_and_settings(tmp_path):
-    original = save_tiny_checkpoint(tmp_path / "best.pt")
+    original = UNet3D(1, 2, features=(4, 8))
+    write_tiny_checkpoint(tmp_path / "best.pt", model=original, epoch=3)
     model, settings = load_model(tmp_path / "best.pt", device="cpu")
     assert not model.training
     assert model.features == (4, 8)
@@ -350,7 +329,7 @@ def test_load_model_errors(tmp_path):
     with pytest.raises(CheckpointError, match="not a liverseg checkpoint.*config"):
         load_model(foreign)
     mismatched = tmp_path / "mismatched.pt"
-    save_tiny_checkpoint(mismatched, model=UNet3D(1, 2, features=(4, 8, 16)))
+    write_tiny_checkpoint(mismatched, model=UNet3D(1, 2, features=(4, 8, 16)))
     with pytest.raises(CheckpointError, match="mismatched.pt.*do not fit"):
         load_model(mismatched)
 
