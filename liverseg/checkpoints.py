@@ -1,22 +1,27 @@
 """Checkpoints that load with ``torch.load(weights_only=True)`` and survive a kill mid-write.
 
 A checkpoint holds only tensors and plain Python values: model, optimizer and scaler states,
-epoch, best metric, RNG states, the resolved config (with its preprocessing) and the package
-version. :func:`training_state` gathers all but the version, which :func:`save_checkpoint` adds;
-a resumed run gets its states back with :func:`restore_training_state`, and inference rebuilds
-model and settings from the checkpoint alone with :func:`load_model`.
+epoch, best metric, RNG states, the resolved config (with its preprocessing), the metrics rows so
+far and the package version. :func:`training_state` gathers all but the version, which
+:func:`save_checkpoint` adds; a resumed run gets its states back with
+:func:`restore_training_state` (and its metrics rows with :func:`saved_history`), and inference
+rebuilds model and settings from the checkpoint alone with :func:`load_model`.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import random
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from liverseg.config import Config, from_dict, to_dict
+from liverseg.constants import HEADS
 from liverseg.devices import resolve_device
 from liverseg.errors import CheckpointError, ConfigError, LiversegError
 from liverseg.inference.postprocess import Postprocess
@@ -25,11 +30,14 @@ from liverseg.io import atomic_path
 from liverseg.labels import head_for_loss, out_channels
 from liverseg.model import UNet3D
 from liverseg.version import __version__
+from liverseg.writable import UnwritableError, unwritable
 
 log = logging.getLogger(__name__)
 
 REQUIRED_KEYS = ("model", "config", "preprocessing", "epoch")
 PREPROCESSING_KEYS = ("hu_min", "hu_max", "factor", "head")
+# "X.Y" or "X.Y.Z", with anything after it (".dev1", "+local") ignored.
+_RELEASE = re.compile(r"^(\d+)\.(\d+)(?:\.(\d+))?")
 
 
 def rng_state() -> dict:
@@ -55,20 +63,40 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(path: str | Path, **contents) -> Path:
-    """Write a checkpoint atomically (temp file, then rename); adds the package version."""
-    with atomic_path(path) as tmp:
-        torch.save({**contents, "version": __version__}, tmp)
+    """Write a checkpoint atomically (temp file, then rename); adds the package version.
+
+    Raises:
+        UnwritableError: The disk is full or the folder cannot be written; the file already at
+            ``path`` (the last good checkpoint) is left as it was.
+    """
+    try:
+        # Through a Python file a full disk is an OSError with its errno; torch.save(path) would
+        # raise an opaque RuntimeError from its C++ writer instead.
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+            torch.save({**contents, "version": __version__}, handle)
+    except OSError as exc:
+        error = unwritable(path, exc, "checkpoint")
+        raise UnwritableError(
+            f"{error} (any earlier {Path(path).name} there is left as it was)", path
+        ) from None
     return Path(path)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Load a liverseg checkpoint with ``weights_only=True``.
 
+    A checkpoint of a newer major or minor liverseg release is refused (its contents may mean
+    something this version does not know); one of a newer patch release loads with a warning;
+    one of an older release loads.
+
     Raises:
-        CheckpointError: Missing file, a file that is not a torch checkpoint (truncated,
-            corrupted), or a checkpoint without liverseg's keys; the message names the file.
+        CheckpointError: Missing file, a folder, a file that is not a torch checkpoint
+            (truncated, corrupted), a checkpoint without liverseg's keys, or one written by a
+            newer liverseg major/minor release; the message names the file.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(_folder_message(path))
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
@@ -86,7 +114,51 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(
             f"checkpoint {path} is not a liverseg checkpoint: missing key(s) {', '.join(missing)}"
         )
+    _check_version(path, checkpoint.get("version"))
     return checkpoint
+
+
+def _folder_message(path: Path) -> str:
+    """What to say when ``--checkpoint`` names a folder: the ``.pt`` files it holds, if any."""
+    found = sorted({*path.glob("*.pt"), *path.glob("checkpoints/*.pt")})
+    if not found:
+        return (
+            f"checkpoint {path} is a folder and holds no .pt file; give a .pt file such as "
+            f"{path / 'checkpoints' / 'best.pt'} (a run folder keeps its checkpoints there)"
+        )
+    shown = ", ".join(str(p) for p in found[:6]) + (", ..." if len(found) > 6 else "")
+    best = path / "checkpoints" / "best.pt"
+    return (
+        f"checkpoint {path} is a folder; give a .pt file such as "
+        f"{best if best in found else found[0]} (it holds {shown})"
+    )
+
+
+def _release(version: object) -> tuple[int, int, int] | None:
+    """``(major, minor, patch)`` of a version string, or None when it is not ``X.Y[.Z]...``."""
+    match = _RELEASE.match(version) if isinstance(version, str) else None
+    return tuple(int(part or 0) for part in match.groups()) if match else None
+
+
+def _check_version(path: Path, version: object) -> None:
+    """Refuse a checkpoint of a newer major/minor release; warn for a newer patch release."""
+    saved, current = _release(version), _release(__version__)
+    if saved is None or current is None:
+        log.warning(
+            "checkpoint %s records no readable liverseg version (%r); loading it with %s",
+            path, version, __version__,
+        )  # fmt: skip
+    elif saved[:2] > current[:2]:
+        raise CheckpointError(
+            f"checkpoint {path} was written by liverseg {version}, newer than this liverseg "
+            f"{__version__}; upgrade liverseg to {saved[0]}.{saved[1]} or later to use it"
+        )
+    elif saved > current:
+        log.warning(
+            "checkpoint %s was written by liverseg %s, a newer patch release than this %s; "
+            "loading it (patch releases keep the checkpoint format)",
+            path, version, __version__,
+        )  # fmt: skip
 
 
 def restore_training_state(checkpoint: dict, model, optimizer, scaler) -> None:
@@ -98,9 +170,20 @@ def restore_training_state(checkpoint: dict, model, optimizer, scaler) -> None:
 
 
 def training_state(
-    model, optimizer, scaler, epoch: int, best_metric: float, config: Config, preprocessing: dict
+    model,
+    optimizer,
+    scaler,
+    epoch: int,
+    best_metric: float,
+    config: Config,
+    preprocessing: dict,
+    history: list[dict] | None = None,
 ) -> dict:
-    """What a checkpoint holds: tensors and plain values only."""
+    """What a checkpoint holds: tensors and plain values only.
+
+    ``history`` is the run's ``metrics.csv`` rows up to ``epoch`` (plain dicts of text): a resumed
+    run takes them back when the file was lost or damaged (:func:`saved_history`).
+    """
     return dict(
         model=model.state_dict(),
         optimizer=optimizer.state_dict(),
@@ -110,7 +193,20 @@ def training_state(
         rng=rng_state(),
         config=to_dict(config),
         preprocessing=preprocessing,
+        history=[{str(k): str(v) for k, v in row.items()} for row in history or []],
     )
+
+
+def saved_history(checkpoint: dict) -> list[dict[str, str]] | None:
+    """The ``metrics.csv`` rows a checkpoint was saved with; None when it holds none.
+
+    Checkpoints written before the history was stored carry none; neither does a damaged one
+    whose ``history`` is not a list of dicts.
+    """
+    history = checkpoint.get("history")
+    if not isinstance(history, list) or not all(isinstance(row, dict) for row in history):
+        return None
+    return [{str(k): str(v) for k, v in row.items()} for row in history]
 
 
 def build_model(config: Config, head: str | None = None) -> UNet3D:
@@ -176,6 +272,26 @@ def inference_settings(
     )
 
 
+def _preprocessing_problems(preprocessing: dict) -> list[str]:
+    """What is wrong with a checkpoint's HU window, head and factor (empty when nothing)."""
+    problems = []
+    for key in ("hu_min", "hu_max"):
+        value = preprocessing[key]
+        real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        if not real or not math.isfinite(value):
+            problems.append(f"{key}={value!r} (expected a finite number of HU)")
+    if not problems and not preprocessing["hu_max"] > preprocessing["hu_min"]:
+        problems.append(
+            f"hu_max={preprocessing['hu_max']!r} does not exceed hu_min={preprocessing['hu_min']!r}"
+        )
+    if preprocessing["head"] not in HEADS:
+        problems.append(f"head={preprocessing['head']!r} (expected one of {', '.join(HEADS)})")
+    factor = preprocessing["factor"]
+    if not isinstance(factor, numbers.Integral) or isinstance(factor, bool) or factor < 1:
+        problems.append(f"factor={factor!r} (expected an integer >= 1)")
+    return problems
+
+
 def load_model(
     checkpoint: str | Path, device: str | torch.device = "auto"
 ) -> tuple[UNet3D, InferenceSettings]:
@@ -192,8 +308,10 @@ def load_model(
         trained it).
 
     Raises:
-        CheckpointError: Missing, corrupted or non-liverseg file, or weights that do not fit the
-            model its config describes; the message names the file and the problem.
+        CheckpointError: Missing, corrupted or non-liverseg file, a folder, a newer liverseg
+            release's checkpoint (see :func:`load_checkpoint`), a non-finite or inverted HU
+            window, an unknown head or a factor below 1, or weights that do not fit the model
+            its config describes; the message names the file and the problem.
     """
     path = Path(checkpoint)
     state = load_checkpoint(path, map_location="cpu")
@@ -214,6 +332,12 @@ def load_model(
         raise CheckpointError(
             f"checkpoint {path} is not a liverseg checkpoint: preprocessing lacks "
             f"{', '.join(missing)}"
+        )
+    problems = _preprocessing_problems(preprocessing)
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {path} holds invalid preprocessing: {'; '.join(problems)}; the file "
+            "was edited or damaged: use a checkpoint written by liverseg train"
         )
     try:
         model = build_model(config, preprocessing["head"])

@@ -1,6 +1,7 @@
 """The ``liverseg`` command: subcommands only, each a few lines of wiring.
 
-Errors of the user's input (:class:`liverseg.errors.LiversegError`) become one line on stderr and
+Errors of the user's input (:class:`liverseg.errors.LiversegError`) and filesystem errors (a full
+disk, a read-only folder: :data:`liverseg.writable.FILESYSTEM_FIXES`) become one line on stderr and
 exit code 2; ``--debug`` shows the traceback instead.
 """
 
@@ -12,6 +13,12 @@ import sys
 from pathlib import Path
 
 from liverseg.errors import LiversegError
+from liverseg.writable import (
+    UnwritableError,
+    check_writable_dir,
+    check_writable_file,
+    describe_os_error,
+)
 
 
 def _phantoms(args: argparse.Namespace) -> int:
@@ -100,6 +107,7 @@ def _add_train_parser(sub) -> None:
 def _predict(args: argparse.Namespace) -> int:
     from liverseg.inference.batch import predict_paths
 
+    check_writable_dir(args.out, "--out")
     failures = predict_paths(
         args.checkpoint,
         args.inputs,
@@ -133,7 +141,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     cases = list(args.cases) if args.cases else None
     if args.split is not None:
         cases = (cases or []) + validation_cases(args.split)
-    print(evaluate_folders(args.pred_dir, args.gt_dir, out_csv=args.out, cases=cases))
+    if args.out is not None:
+        check_writable_file(args.out, "--out", example_name="metrics.csv")
+    try:
+        table = evaluate_folders(args.pred_dir, args.gt_dir, out_csv=args.out, cases=cases)
+    except UnwritableError as exc:
+        if exc.result is not None:  # the metrics were computed: show them before the error
+            print(exc.result)
+        raise
+    print(table)
     return 0
 
 
@@ -202,6 +218,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        message = describe_os_error(exc)
+        if args.debug or message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -1,16 +1,21 @@
 """Files: the one reader and writer of volumes, the one NIfTI lister, case ids.
 
-Volumes are read at their stored dtype (no float64 copy); every write goes to a temporary name in
+Volumes are read at their stored dtype (no float64 copy), and only after the header's claimed data
+size was compared with the file (:func:`check_data_size`): a header that lies is an error, not
+gigabytes of memory spent before the truncation shows. Every write goes to a temporary name in
 the same folder, then is renamed onto its destination, so a crash never leaves a half-written file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import gzip
 import logging
 import os
 import re
 import tempfile
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +34,8 @@ log = logging.getLogger(__name__)
 Source = Any  # str | os.PathLike | nib.spatialimages.SpatialImage | tio.Image
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+# Decompressed bytes read at a time when counting a .nii.gz's data: bounds the memory of the count.
+GZIP_CHUNK_BYTES = 16 * 2**20
 
 
 @contextlib.contextmanager
@@ -63,6 +70,74 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+# atomic_path's temporary names: ".{name}.{mkstemp's random letters}.tmp{name's suffixes}".
+_TEMP_NAME = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]+\.tmp(?P<suffixes>(?:\.[^.]+)*)")
+# A folder other processes may write to at the same time (a shared cache, a --out folder): a temp
+# file younger than this may be one being written, so it is left in place.
+SHARED_TEMP_MIN_AGE_S = 3600.0
+
+
+def temp_destination(path: str | Path) -> Path | None:
+    """The file a temporary file of :func:`atomic_path` was to become, or None if it is not one.
+
+    ``.last.pt.k3x9q0ab.tmp.pt`` -> ``last.pt``: a leading dot, the destination's name, random
+    letters, ``.tmp`` and the destination's suffixes, exactly as :func:`atomic_path` names them.
+    """
+    path = Path(path)
+    match = _TEMP_NAME.fullmatch(path.name)
+    if match is None or match["suffixes"] != "".join(Path(match["name"]).suffixes):
+        return None
+    return path.with_name(match["name"])
+
+
+def stale_temp_files(folder: str | Path) -> list[Path]:
+    """The temporary files of :func:`atomic_path` in ``folder`` (not its sub-folders), sorted.
+
+    A process killed while writing leaves them behind (a checkpoint's can be tens of MB); only
+    names that :func:`temp_destination` recognises are listed, never another hidden file.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if temp_destination(p) is not None and p.is_file())
+
+
+def remove_stale_temp_files(folders: list[Path], min_age_s: float = 0.0) -> int:
+    """Delete the :func:`stale_temp_files` of ``folders`` older than ``min_age_s``; log the count.
+
+    Args:
+        folders: Folders written only through :func:`atomic_path` (missing ones are skipped).
+        min_age_s: Keep temp files modified less than this many seconds ago: in a folder that
+            another process may be writing to, they may still be in use.
+
+    Returns:
+        How many files were removed.
+    """
+    removed, size, kept = 0, 0, 0
+    now = time.time()
+    for path in (p for folder in folders for p in stale_temp_files(folder)):
+        try:
+            stat = path.stat()
+            if now - stat.st_mtime < min_age_s:
+                kept += 1
+                continue
+            path.unlink()
+        except OSError as exc:  # gone already, or a read-only folder: leave it
+            log.debug("could not remove %s (%s)", path, exc)
+            continue
+        removed, size = removed + 1, size + stat.st_size
+    if removed:
+        where = ", ".join(str(f) for f in folders)
+        log.info("removed %d temp files (%d bytes) of killed writes in %s", removed, size, where)
+    if kept:
+        log.info(
+            "kept %d temp files younger than %.0f s: another process may still be writing them",
+            kept,
+            min_age_s,
+        )
+    return removed
 
 
 def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path) -> Path:
@@ -111,16 +186,20 @@ def read_volume(source: Source, role: str = "CT volume") -> tuple[np.ndarray, np
         data become float32), ``affine`` 4 x 4 float64.
 
     Raises:
-        DataError: Missing or unreadable file, not 3D, or a singular affine; names the file.
+        DataError: Missing or unreadable file (a broken symlink says so), data shorter than its
+            header claims (:func:`check_data_size`), not 3D, or a singular affine; names the file.
     """
-    name = _name_of(source)
+    name = source_name(source)
     try:
         if isinstance(source, (str, os.PathLike)):
             path = Path(source)
             if not path.is_file():
-                raise DataError(f"{path}: file not found; expected a .nii or .nii.gz {role}")
+                raise DataError(
+                    f"{path}: {missing_file_reason(path)}; expected a .nii or .nii.gz {role}"
+                )
             source = nib.load(str(path))
         if isinstance(source, nib.spatialimages.SpatialImage):
+            check_data_size(source)
             affine = np.asarray(source.affine, dtype=np.float64)
             data = stored_voxels(source)
         else:
@@ -155,7 +234,7 @@ def read_labels(source: Source) -> tuple[np.ndarray, np.ndarray]:
     invalid = invalid_label_values(data)
     if invalid:
         raise DataError(
-            f"{_name_of(source)}: label values {invalid} outside {list(LABEL_VALUES)} "
+            f"{source_name(source)}: label values {invalid} outside {list(LABEL_VALUES)} "
             "(background, liver, tumor); is this a label map rather than a CT or a probability "
             "map? Fix or re-export it"
         )
@@ -174,19 +253,22 @@ def read_stored(
         ``(stored (W, H, D), affine, slope, inter)``: value = stored * slope + inter.
 
     Raises:
-        DataError: Missing, unreadable or not 3D; names the file.
+        DataError: Missing, unreadable, shorter than its header claims, or not 3D; names the file.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(
-            f"{path}: not found; expected a .nii or .nii.gz {role} there. Restore it or remove "
-            "the case"
+            f"{path}: {missing_file_reason(path)}; expected a .nii or .nii.gz {role} there. "
+            "Restore it or remove the case"
         )
     try:
         image = nib.load(str(path))
+        check_data_size(image)
         stored = np.asarray(image.dataobj.get_unscaled())
         slope, inter = float(image.dataobj.slope), float(image.dataobj.inter)
         affine = np.asarray(image.affine, dtype=np.float64)
+    except DataError:
+        raise
     except Exception as exc:  # noqa: BLE001 - nibabel raises many types for a broken file
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(
@@ -194,6 +276,113 @@ def read_stored(
             "re-extract or re-download this file, or move the case out of the dataset folder"
         ) from None
     return _as_3d(stored, str(path), role), affine, slope, inter
+
+
+def missing_file_reason(path: str | Path) -> str:
+    """Why ``path`` is not a file to read: a broken or looping symlink, a folder, or absent.
+
+    Args:
+        path: A path for which ``Path.is_file()`` is False.
+
+    Returns:
+        A phrase for a message, e.g. ``"broken symlink: it points to ../x.nii.gz, which does not
+        exist"``.
+    """
+    path = Path(path)
+    if path.is_symlink():
+        target = os.readlink(path)
+        try:
+            path.stat()
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return f"symlink loop: it points to {target}, which leads back to itself"
+            return f"broken symlink: it points to {target}, which does not exist"
+    if path.is_dir():
+        return "a folder, not a file"
+    return "not found"
+
+
+def data_size_problem(image: nib.spatialimages.SpatialImage) -> str | None:
+    """Whether a loaded image's file holds the data bytes its header claims; no voxel is read.
+
+    ``.nii``: the file size against ``vox_offset + voxels x bytes per voxel``. ``.nii.gz``: the
+    gzip trailer's size field (the uncompressed size modulo 2^32, written last, so a truncated
+    copy lacks it) when it matches; otherwise the file is decompressed in
+    :data:`GZIP_CHUNK_BYTES` chunks and counted, stopping as soon as the claimed size is
+    reached. Memory stays bounded whatever the header claims.
+
+    Args:
+        image: From ``nib.load``; an image held in memory (no file, or voxels not in an
+            ``ArrayProxy``) is not checked.
+
+    Returns:
+        None when the data are all there, else the problem (without the file's name): the
+        claimed shape, dtype and bytes, the bytes present, and the fix.
+    """
+    filename, proxy = image.get_filename(), image.dataobj
+    if not filename or not isinstance(proxy, nib.arrayproxy.ArrayProxy):
+        return None
+    path = Path(filename)
+    shape, dtype, offset = tuple(int(n) for n in proxy.shape), proxy.dtype, int(proxy.offset)
+    claimed = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    needed = offset + claimed
+    if path.name.endswith(".gz"):
+        present, stop = _gzip_bytes_present(path, needed)
+        where = f"only {present:,} bytes decompress from it{stop}"
+    else:
+        present = path.stat().st_size
+        where = f"the file holds only {present:,} bytes"
+    if present >= needed:
+        return None
+    return (
+        f"the header claims {' x '.join(map(str, shape))} {dtype} voxels, {claimed:,} bytes after "
+        f"a {offset:,}-byte header ({needed:,} in all), but {where}; the file is truncated or "
+        "its header is wrong: copy it again"
+    )
+
+
+def check_data_size(source: str | Path | nib.spatialimages.SpatialImage) -> None:
+    """Raise unless a NIfTI file holds the data bytes its header claims (:func:`data_size_problem`).
+
+    Called by :func:`read_volume`, :func:`read_labels` and :func:`read_stored` before any voxel is
+    read, so a truncated file or a lying header costs no memory.
+
+    Args:
+        source: A ``.nii``/``.nii.gz`` path, or an image loaded from one (its header is reused).
+
+    Raises:
+        DataError: The data are shorter than the header claims; names the file, the claimed
+            shape, dtype and bytes, and the bytes present.
+    """
+    image = nib.load(str(source)) if isinstance(source, (str, os.PathLike)) else source
+    problem = data_size_problem(image)
+    if problem is not None:
+        raise DataError(f"{image.get_filename()}: {problem}")
+
+
+def _gzip_bytes_present(path: Path, needed: int) -> tuple[int, str]:
+    """Decompressed bytes of ``path`` (counted up to ``needed``) and why the count stopped short.
+
+    Returns:
+        ``(bytes, reason)``: ``reason`` is "" or ``" (...)"`` naming the decompression error.
+    """
+    with path.open("rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() >= 18:  # a gzip member: 10-byte header, 8-byte trailer (CRC32, ISIZE)
+            f.seek(-4, os.SEEK_END)
+            if int.from_bytes(f.read(4), "little") == needed % 2**32:
+                return needed, ""
+    present = 0
+    try:
+        with gzip.open(path, "rb") as stream:
+            while present < needed:
+                chunk = stream.read1(GZIP_CHUNK_BYTES)
+                if not chunk:
+                    break
+                present += len(chunk)
+    except (OSError, EOFError, zlib.error) as exc:
+        return present, f" before the compressed stream breaks off ({type(exc).__name__}: {exc})"
+    return present, ""
 
 
 def _as_3d(data: np.ndarray, name: str, role: str) -> np.ndarray:
@@ -207,7 +396,8 @@ def _as_3d(data: np.ndarray, name: str, role: str) -> np.ndarray:
     return data
 
 
-def _name_of(source: Source) -> str:
+def source_name(source: Source) -> str:
+    """How messages name a volume: its path, or what it is when it has none."""
     if isinstance(source, (str, os.PathLike)):
         return str(source)
     if isinstance(source, nib.spatialimages.SpatialImage):
@@ -245,7 +435,9 @@ def list_nifti(folder: str | Path, suffixes: tuple[str, ...] = NIFTI_SUFFIXES) -
     """The NIfTI files of a folder, sorted by name with digit runs by value.
 
     Names starting with ``"."`` (macOS ``._liver_N.nii.gz`` AppleDouble files, dot files) are
-    never opened; sub-folders are not searched.
+    never opened; sub-folders are not searched. A symlink whose target is missing or loops is
+    listed too, so that reading it fails with its name (:func:`missing_file_reason`) instead of
+    the file vanishing without a word.
 
     Args:
         folder: The folder; a missing one has no files.
@@ -261,7 +453,7 @@ def list_nifti(folder: str | Path, suffixes: tuple[str, ...] = NIFTI_SUFFIXES) -
     for path in folder.iterdir():
         if path.name.startswith(HIDDEN_PREFIX):
             hidden += 1
-        elif path.name.endswith(suffixes) and path.is_file():
+        elif path.name.endswith(suffixes) and (path.is_file() or path.is_symlink()):
             files.append(path)
     if hidden:
         log.info("%s: ignored %d hidden files (macOS ._ AppleDouble or dot files)", folder, hidden)

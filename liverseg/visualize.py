@@ -31,6 +31,7 @@ from liverseg.constants import LABEL_NAMES, LABEL_VALUES, LIVER, TUMOR
 from liverseg.errors import DataError, LiversegError
 from liverseg.io import atomic_path, read_volume
 from liverseg.labels import invalid_label_values
+from liverseg.writable import check_writable_file
 
 if TYPE_CHECKING:
     from matplotlib.animation import Animation
@@ -207,10 +208,12 @@ def animate_files(
         The destination path.
 
     Raises:
-        LiversegError: Unsupported output suffix, or (as ``DataError``) a missing or unreadable
+        LiversegError: Unsupported output suffix, an output that cannot be written (checked
+            before the animation is rendered), or (as ``DataError``) a missing or unreadable
             file or mismatched shapes.
     """
     _check_suffix(Path(out))
+    check_writable_file(out, "animation output", example_name="case.gif")
     return save_animation(animate(ct, seg=seg, truth=truth), out)
 
 

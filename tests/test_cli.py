@@ -6,7 +6,9 @@ no traceback) or an argparse usage error.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -279,3 +281,161 @@ def test_check_runs_without_importing_torch(dataset, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "usage: liverseg check" in result.stdout
     assert result.stdout.strip().splitlines()[-1] == "help 0 check 0 torch False", result.stdout
+
+
+# --- filesystem errors: one line naming the path and the fix, before the expensive work -------
+
+
+def read_only(monkeypatch) -> None:
+    """Make every new file fail as on a read-only filesystem (chmod does not stop root)."""
+
+    def refuse(*args, dir=None, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(Path(dir) / ".probe"))
+
+    monkeypatch.setattr("tempfile.mkstemp", refuse)
+
+
+def test_predict_out_that_is_a_file_is_refused_before_the_checkpoint_loads(
+    dataset, tmp_path, capsys
+):
+    out = tmp_path / "preds"
+    out.write_text("a file")
+    garbage = tmp_path / "garbage.pt"  # would be the error if the checkpoint were loaded first
+    garbage.write_bytes(b"not a checkpoint")
+    ct = dataset / "imagesTs" / "liver_3.nii.gz"
+    code, _, err = run(capsys, "predict", "--checkpoint", garbage, "--out", out, ct)
+    assert_user_error(code, err, f"--out {out} is a file", "give a folder")
+    assert "garbage.pt" not in err
+
+
+def test_predict_out_on_a_read_only_disk(dataset, checkpoint, tmp_path, capsys, monkeypatch):
+    read_only(monkeypatch)
+    out = tmp_path / "preds"
+    ct = dataset / "imagesTs" / "liver_3.nii.gz"
+    code, _, err = run(capsys, "predict", "--checkpoint", checkpoint, "--out", out, ct)
+    assert_user_error(code, err, str(out), "Read-only file system", "writable disk")
+    assert not out.exists()
+
+
+def test_evaluate_out_that_is_a_folder_is_refused_before_evaluating(
+    dataset, tmp_path, capsys, monkeypatch
+):
+    predictions = predictions_of(dataset, tmp_path / "pred")
+    monkeypatch.setattr("liverseg.evaluation.folders.pair_cases", None)  # never reached
+    code, out, err = run(capsys, "evaluate", predictions, dataset, "--out", tmp_path)
+    assert_user_error(code, err, f"--out {tmp_path} is a folder", "metrics.csv")
+    assert out == ""
+
+
+def test_evaluate_prints_its_table_when_the_csv_cannot_be_written(
+    dataset, tmp_path, capsys, monkeypatch
+):
+    predictions = predictions_of(dataset, tmp_path / "pred")
+    csv_path = tmp_path / "results" / "metrics.csv"
+
+    def disk_full(src, dst):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(src))
+
+    monkeypatch.setattr("liverseg.io.os.replace", disk_full)  # after the early check passed
+    code, out, err = run(capsys, "evaluate", predictions, dataset, "--out", csv_path)
+    assert_user_error(code, err, f"metrics CSV {csv_path}: No space left on device", "free space")
+    assert "liver_2" in out and "global Dice" in out  # the computed table is not lost
+    assert list((tmp_path / "results").iterdir()) == []  # no CSV, no temporary file
+
+
+def test_animate_out_in_an_unwritable_place_is_refused_before_rendering(
+    dataset, tmp_path, capsys, monkeypatch
+):
+    blocker = tmp_path / "figures"
+    blocker.write_text("a file")
+    monkeypatch.setattr("liverseg.visualize.animate", None)  # never reached
+    ct = dataset / "imagesTr" / "liver_0.nii.gz"
+    code, _, err = run(capsys, "animate", ct, "--out", blocker / "case.gif")
+    assert_user_error(code, err, str(blocker / "case.gif"), f"{blocker} is a file")
+    read_only(monkeypatch)
+    code, _, err = run(capsys, "animate", ct, "--out", tmp_path / "case.gif")
+    assert_user_error(code, err, str(tmp_path / "case.gif"), "Read-only file system")
+
+
+def test_prepare_out_that_is_a_file_is_a_user_error(dataset, tmp_path, capsys):
+    out = tmp_path / "prepared"
+    out.write_text("a file")
+    code, _, err = run(capsys, "prepare", dataset, out, "--workers", 1)
+    assert_user_error(code, err, f"OUT_DIR {out} is a file")
+    assert out.read_text() == "a file"
+
+
+def test_train_refuses_an_unwritable_run_dir_before_making_phantoms(tmp_path, capsys, monkeypatch):
+    run_dir, root = tmp_path / "run", tmp_path / "phantoms"
+    run_dir.write_text("a file")
+    argv = ["train", f"run.dir={run_dir}", f"data.root={root}", "phantoms.cases=4"]
+    argv.append("data.num_train=3")
+    code, _, err = run(capsys, *argv)
+    assert_user_error(code, err, f"run.dir {run_dir} is a file")
+    run_dir.unlink()
+    read_only(monkeypatch)
+    code, _, err = run(capsys, *argv)
+    assert_user_error(code, err, f"run.dir {run_dir}: Read-only file system")
+    assert not root.exists() and not run_dir.exists()
+
+
+def test_a_full_disk_while_training_keeps_the_last_checkpoint(
+    dataset, tmp_path, capsys, monkeypatch
+):
+    from liverseg import checkpoints
+
+    real_save = checkpoints.torch.save
+
+    def full_at_epoch_2(state, handle):
+        if state["epoch"] == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), handle.name)
+        real_save(state, handle)
+
+    monkeypatch.setattr(checkpoints.torch, "save", full_at_epoch_2)
+    run_dir = tmp_path / "run"
+    code, _, err = run(
+        capsys, "train", f"run.dir={run_dir}", f"data.root={dataset}", "data.num_train=2",
+        "data.factor=1", f"data.shape={list(SHAPE)}", "data.patch_size=16", "data.num_workers=0",
+        "data.queue_length=4", "data.samples_per_volume=2", "model.features=[4, 8]",
+        "train.epochs=2", "train.val_every=1", "inference.batch_size=8",
+    )  # fmt: skip
+    last = run_dir / "checkpoints" / "last.pt"
+    assert_user_error(code, err, f"checkpoint {last}: No space left on device", "free space")
+    assert torch.load(last, weights_only=True)["epoch"] == 1
+    assert not [p for p in last.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_a_filesystem_error_anywhere_is_one_line(tmp_path, capsys, monkeypatch):
+    target = tmp_path / "ph" / "imagesTr" / "liver_0.nii.gz"
+    temporary = target.with_name(".liver_0.nii.gz.k3j4h5g6.tmp.nii.gz")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(temporary))
+
+    monkeypatch.setattr("liverseg.phantoms.write_dataset", disk_full)
+    code, _, err = run(capsys, "phantoms", tmp_path / "ph")
+    assert_user_error(code, err, f"error: {target}: No space left on device; free space")
+    with pytest.raises(OSError, match="No space left"):
+        main(["--debug", "phantoms", str(tmp_path / "ph")])
+
+
+def test_an_os_error_that_is_not_about_the_filesystem_is_not_hidden(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise OSError(errno.EIO, os.strerror(errno.EIO), "x")
+
+    monkeypatch.setattr("liverseg.phantoms.write_dataset", broken)
+    with pytest.raises(OSError, match="Input/output error"):
+        main(["phantoms", str(tmp_path / "ph")])
+
+
+def test_predict_with_a_checkpoint_folder_lists_its_checkpoints(
+    dataset, checkpoint, tmp_path, capsys
+):
+    run_dir = tmp_path / "myrun"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    shutil.copy(checkpoint, run_dir / "checkpoints" / "best.pt")
+    ct = dataset / "imagesTs" / "liver_3.nii.gz"
+    code, _, err = run(capsys, "predict", "--checkpoint", run_dir, "--out", tmp_path / "o", ct)
+    assert_user_error(
+        code, err, f"checkpoint {run_dir} is a folder", str(run_dir / "checkpoints" / "best.pt")
+    )

@@ -1,8 +1,10 @@
 """Find the cases of a Task03 folder (``imagesTr``/``labelsTr``/``imagesTs``, ``dataset.json``).
 
-Discovery only lists files: a missing image or label is kept in the case list (its path does
-not exist) so that the data doctor (:func:`check_dataset`) reports it together with every
-other problem instead of stopping at the first one. The checks of one case live in
+Discovery only lists files: a missing image or label, or a symlink whose target is missing or
+loops, is kept in the case list so that the data doctor (:func:`check_dataset`) reports it
+together with every other problem instead of stopping at the first one (or dropping the case
+without a word). The doctor also refuses ``dataset.json`` paths that leave the dataset folder
+and a dataset without any training case. The checks of one case live in
 :mod:`liverseg.data.checks` and are re-exported here; the problems found, their table and the
 error that stops training, in :mod:`liverseg.data.problems`.
 """

@@ -1,6 +1,8 @@
 """The data doctor: every problem of a dataset, gathered before anything is reported.
 
-:func:`check_case` checks one case, header first, then voxels in the file's own dtype;
+:func:`check_case` checks one case, header first (including whether the file holds the data
+bytes the header claims, :func:`liverseg.io.data_size_problem`), then voxels in the file's own
+dtype (the CT value rules that prediction applies too, :mod:`liverseg.data.intensities`);
 :func:`check_dataset` checks a whole Task03 folder (discovery problems, duplicate ids, every case).
 Checks return :class:`liverseg.data.problems.Problem` records instead of raising.
 """
@@ -8,6 +10,7 @@ Checks return :class:`liverseg.data.problems.Problem` records instead of raising
 from __future__ import annotations
 
 import logging
+import os
 import zlib
 from pathlib import Path
 
@@ -18,8 +21,10 @@ from nibabel.openers import ImageOpener
 
 from liverseg.constants import LABEL_VALUES, LIVER, TUMOR
 from liverseg.data.cases import Case, discover_cases
+from liverseg.data.intensities import ct_value_problems
 from liverseg.data.problems import ERROR, WARNING, Problem, Problems
 from liverseg.geometry import label_affine_matches, spacing_is_trustworthy, spacing_mm
+from liverseg.io import data_size_problem, missing_file_reason
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +39,11 @@ def _open_volume(path: Path, role: str) -> tuple[object | None, list[Problem]]:
     def err(message: str) -> tuple[None, list[Problem]]:
         return None, [Problem(ERROR, path, message)]
 
+    if path.is_symlink() and not path.is_file():
+        return err(
+            f"{role} is a {missing_file_reason(path)}: expected a NIfTI file here; point the "
+            "link at the file (or copy the file in its place), or remove the case"
+        )
     if not path.is_file():
         return err(f"{role} is missing: expected a NIfTI file here; add it or remove the case")
     if path.stat().st_size == 0:
@@ -75,6 +85,12 @@ def _open_volume(path: Path, role: str) -> tuple[object | None, list[Problem]]:
             f"{role} spacing is {zooms.tolist()} mm (affine: {spacing.round(4).tolist()} mm): "
             "expected positive finite voxel sizes; fix pixdim and the affine in the header"
         )
+    try:
+        size_problem = data_size_problem(img)
+    except _READ_ERRORS as exc:
+        size_problem = f"cannot be read ({type(exc).__name__}: {exc}); copy it again"
+    if size_problem is not None:
+        return err(f"{role} data: {size_problem}")
     return img, problems
 
 
@@ -96,43 +112,13 @@ def _read_voxels(path: Path, img, role: str) -> tuple[np.ndarray | None, list[Pr
     return data.reshape(data.shape[:3]), []
 
 
-def _scaled_range(img, values: np.ndarray) -> tuple[float, float]:
-    """(min, max) of ``values`` (stored, finite) after the header's scl_slope/scl_inter (HU)."""
-    if values.size == 0:
-        return float("nan"), float("nan")
-    slope, inter = getattr(img.dataobj, "slope", 1.0), getattr(img.dataobj, "inter", 0.0)
-    ends = np.array([values.min(), values.max()], float) * slope + inter
-    return float(ends.min()), float(ends.max())
-
-
 def _image_value_problems(path: Path, img, data: np.ndarray) -> list[Problem]:
-    problems = []
-    finite = data
-    if data.dtype.kind == "f":
-        mask = np.isfinite(data)
-        count = int(mask.size - np.count_nonzero(mask))
-        if count:
-            finite = data[mask]
-            problems.append(
-                Problem(
-                    ERROR,
-                    path,
-                    f"image has {count:,} NaN/Inf voxels: expected finite HU everywhere; replace "
-                    "them (e.g. with -1024, air) or re-export the scan",
-                )
-            )
-    low, high = _scaled_range(img, finite)
-    if high <= 10 or low >= 0:
-        problems.append(
-            Problem(
-                WARNING,
-                path,
-                f"intensities span [{low:g}, {high:g}]: expected CT in HU (air near -1000, "
-                "liver ~100); this looks normalised or offset. Convert to HU (scl_slope/"
-                "scl_inter), or the HU window clips it",
-            )
-        )
-    return problems
+    """The CT value checks prediction applies too (:mod:`liverseg.data.intensities`)."""
+    slope, inter = getattr(img.dataobj, "slope", 1.0), getattr(img.dataobj, "inter", 0.0)
+    errors, warnings = ct_value_problems(data, slope, inter)
+    return [Problem(ERROR, path, message) for message in errors] + [
+        Problem(WARNING, path, message) for message in warnings
+    ]
 
 
 def _label_value_problems(path: Path, data: np.ndarray) -> list[Problem]:
@@ -267,6 +253,55 @@ def _duplicate_problems(cases: list[Case]) -> list[Problem]:
     ]
 
 
+def _outside_root_problems(root: Path, cases: list[Case]) -> tuple[list[Problem], list[Case]]:
+    """Errors for case files that lie outside ``root`` as written, and the cases inside it.
+
+    The path is judged as written (``..`` collapsed, symlinks not followed): a symlink inside the
+    root that points elsewhere is the user's explicit choice and is accepted; a ``dataset.json``
+    entry such as ``../../outside/x.nii.gz`` or ``/abs/x.nii.gz`` is not. Such files are not read.
+    """
+    top = Path(os.path.normpath(root.absolute()))
+    problems, inside = [], []
+    for case in cases:
+        outside = [
+            path
+            for path in (case.image, case.label)
+            if path is not None and not Path(os.path.normpath(path.absolute())).is_relative_to(top)
+        ]
+        problems += [
+            Problem(
+                ERROR,
+                path,
+                f"lies outside the dataset folder {root} (dataset.json names it with '..' or an "
+                "absolute path), so copying or archiving the folder would lose it: expected every "
+                "file of the dataset inside it. Copy the file into imagesTr/ or labelsTr/ and list "
+                "it there; to keep it where it is, put a symlink to it inside the folder and list "
+                "the link",
+            )
+            for path in outside
+        ]
+        if not outside:
+            inside.append(case)
+    return problems, inside
+
+
+def _empty_dataset_problems(root: Path, cases: list[Case]) -> list[Problem]:
+    """An error when no case has a label map: there is nothing to train on."""
+    if any(case.label is not None for case in cases):
+        return []
+    has_json = (root / "dataset.json").is_file()
+    listed = " (and dataset.json lists none under 'training')" if has_json else ""
+    return [
+        Problem(
+            ERROR,
+            root / "imagesTr",
+            f"no training case{listed}: expected CT volumes (.nii/.nii.gz) in imagesTr/ and "
+            "their label maps, same names, in labelsTr/; copy the cases in, or point at the "
+            "folder that holds them",
+        )
+    ]
+
+
 def check_dataset(
     root: str | Path,
     *,
@@ -284,6 +319,11 @@ def check_dataset(
             and test cases of ``root`` and report discovery problems too (bad ``dataset.json``,
             files it does not list).
 
+    Besides each case's own problems (:func:`check_case`), the dataset's: no labelled case at all
+    (nothing to train on), duplicate ids, and files that lie outside ``root`` as written
+    (a ``dataset.json`` entry with ``..`` or an absolute path; a symlink inside ``root`` is
+    accepted), which are not read.
+
     Returns:
         The problems (a list with ``n_cases``, the number of cases checked).
 
@@ -297,7 +337,10 @@ def check_dataset(
     if cases is None:
         cases, problems = discover_cases(root)
     problems += _duplicate_problems(cases)
-    for case in cases:
+    problems += _empty_dataset_problems(root, cases)
+    outside, inside = _outside_root_problems(root, cases)
+    problems += outside
+    for case in inside:
         log.info("checking %s", case.case_id)
         problems += check_case(
             case, affine_tolerance_mm=affine_tolerance_mm, copy_label_geometry=copy_label_geometry

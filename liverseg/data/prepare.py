@@ -30,6 +30,7 @@ from liverseg.data.cases import SPLITS, Case, MissingTestFolderError, find_cases
 from liverseg.data.downsampling import downsample_case
 from liverseg.errors import DataError, LiversegError
 from liverseg.io import atomic_path, fingerprint
+from liverseg.writable import check_writable_dir
 
 logger = logging.getLogger(__name__)
 
@@ -272,6 +273,7 @@ def prepare_dataset(
     Raises:
         DataError: Bad arguments or folders, or after all cases ran, one or more failed cases
             (each with its message naming the file); the others are written.
+        UnwritableError: ``out_dir`` cannot be created or written (checked before any case).
     """
     src, out = Path(src_dir), Path(out_dir)
     if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
@@ -283,6 +285,7 @@ def prepare_dataset(
             f"{out}: OUT_DIR is SRC_DIR; prepare never overwrites its input. Pick another folder."
         )
     jobs = _jobs(src, out)
+    check_writable_dir(out, "OUT_DIR")
     out.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(out)
     record = _open_record(out, src, factor)

@@ -15,13 +15,20 @@ from pathlib import Path
 from liverseg.errors import DataError
 from liverseg.io import atomic_path
 
+# How to fix a damaged split file, for the messages: training draws a missing split.json again
+# from data.split_seed, which gives the same split for the same cases and data.num_train.
+REDRAW_FIX = (
+    "delete it and `liverseg train` draws it again from data.split_seed (the same split for "
+    "the same cases), or give a run's split.json"
+)
+
 
 def read_split(path: str | Path) -> dict[str, list[str]]:
     """A ``split.json``: ``{"train": [ids], "val": [ids]}``.
 
     Raises:
-        DataError: The file is missing, not JSON, or lacks a list of case ids under ``"train"``
-            or ``"val"``; names the file and the fix.
+        DataError: The file is missing, not JSON, lacks a list of case ids under ``"train"``
+            or ``"val"``, or names a case in both; names the file and the fix.
     """
     path = Path(path)
     try:
@@ -29,17 +36,20 @@ def read_split(path: str | Path) -> dict[str, list[str]]:
     except FileNotFoundError:
         raise DataError(f"split file {path} does not exist; give a run's split.json") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(
-            f"split file {path} is not readable JSON ({exc}); delete it to draw the split again "
-            "(training) or give a run's split.json"
-        ) from None
+        raise DataError(f"split file {path} is not readable JSON ({exc}); {REDRAW_FIX}") from None
     for key in ("train", "val"):
         ids = split.get(key) if isinstance(split, dict) else None
         if not isinstance(ids, list) or not all(isinstance(c, str) for c in ids):
             raise DataError(
                 f'split file {path} has no list of case ids under "{key}"; expected '
-                '{"train": [...], "val": [...]} as liverseg train writes it'
+                f'{{"train": [...], "val": [...]}} as liverseg train writes it: {REDRAW_FIX}'
             )
+    both = sorted(set(split["train"]) & set(split["val"]))
+    if both:
+        raise DataError(
+            f"split file {path} names {', '.join(both[:10])} for both training and validation; "
+            f"{REDRAW_FIX}"
+        )
     return split
 
 
@@ -73,12 +83,14 @@ def load_or_create_split(
     source = Path(split_file) if split_file else path
     if source.is_file():
         split = read_split(source)
-        unknown = sorted(set(split.get("train", []) + split.get("val", [])) - set(case_ids))
-        if unknown or not split.get("train"):
+        unknown = sorted(set(split["train"] + split["val"]) - set(case_ids))
+        if unknown:
             raise DataError(
-                f"{source}: split names cases not in the dataset ({', '.join(unknown[:10])})"
-                " or has no training case; delete it or fix data.root"
+                f"{source}: split names cases not in the dataset ({', '.join(unknown[:10])}); "
+                "delete it or fix data.root"
             )
+        if not split["train"]:
+            raise DataError(f"{source}: split has no training case; {REDRAW_FIX}")
     else:
         if not 0 < num_train < len(case_ids):
             raise DataError(

@@ -34,6 +34,7 @@ from liverseg.evaluation.metrics import (
 )
 from liverseg.geometry import spacing_mm
 from liverseg.io import NIFTI_SUFFIXES, atomic_path, list_nifti, natural_key, read_labels
+from liverseg.writable import unwritable
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,8 @@ def evaluate_folders(
     Raises:
         DataError: A folder is missing or empty, cases do not pair up (all listed), shapes
             differ, or a file holds values other than the labels.
+        UnwritableError: ``out_csv`` could not be written (disk full, read-only); the
+            computed table is its ``result``, so nothing is lost.
     """
     pairs = pair_cases(pred_dir, gt_dir, cases)
     rows, detections = [], []
@@ -87,9 +90,13 @@ def evaluate_folders(
         name: 2 * inter / total if total else math.nan for name, (inter, total) in pooled.items()
     }
     detection = pool_detection(detections)
+    table = _format_table(rows, means, global_dice, detection)
     if out_csv is not None:
-        _write_csv(out_csv, rows, {"case_id": "mean", **means})
-    return _format_table(rows, means, global_dice, detection)
+        try:
+            _write_csv(out_csv, rows, {"case_id": "mean", **means})
+        except OSError as exc:  # the metrics are computed: hand them back with the error
+            raise unwritable(out_csv, exc, "metrics CSV", result=table) from None
+    return table
 
 
 def pair_cases(

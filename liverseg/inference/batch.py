@@ -5,6 +5,12 @@ input's shape and affine), ``<id>_report.json`` (:func:`liverseg.evaluation.repo
 with the input's HU) and a row of ``summary.csv``. Everything is written to a temporary name
 first, then renamed. One bad input is reported and skipped; the others are still processed.
 
+The inputs get the data doctor's CT value checks (:mod:`liverseg.data.intensities`): NaN/Inf or
+int8 voxels fail that input (``status`` ``failed: ...``, exit 1); implausible HU (a constant
+volume, no air, no tissue: MR or normalised data) are predicted but warned, first in the
+report's ``warnings`` and in the ``warnings`` column of ``summary.csv`` (all the report's
+warnings, joined by ``" | "``; ``status`` stays ``ok``, so it keeps one meaning per value).
+
 Inputs in the ``imagesTr``/``imagesTs`` folder of a root holding ``prepare.json`` were written by
 ``liverseg prepare`` and are already reduced: they are predicted at their own resolution
 whether or not ``prepared`` is passed, so they are never reduced twice.
@@ -24,6 +30,7 @@ import nibabel as nib
 import torch
 
 from liverseg.checkpoints import load_model
+from liverseg.data.intensities import check_ct_values
 from liverseg.data.prepare import RECORD_NAME, load_prepare_record
 from liverseg.evaluation.report import case_report
 from liverseg.inference.settings import InferenceSettings
@@ -35,7 +42,19 @@ log = logging.getLogger(__name__)
 # Folders of a Task03 root searched for inputs, in order.
 TASK03_IMAGE_FOLDERS = ("imagesTs", "imagesTr")
 SUMMARY_NAME = "summary.csv"
-SUMMARY_COLUMNS = ("case_id", "liver_ml", "tumor_ml", "lesions", "seconds", "status", "input")
+# ``warnings``: the report's warnings joined by " | " (empty when there are none); last, so the
+# columns before it keep their places and a long warning does not push them apart.
+SUMMARY_COLUMNS = (
+    "case_id",
+    "liver_ml",
+    "tumor_ml",
+    "lesions",
+    "seconds",
+    "status",
+    "input",
+    "warnings",
+)
+WARNING_SEPARATOR = " | "
 
 Failure = tuple[Path, str]
 
@@ -99,7 +118,8 @@ def predict_paths(
     Args:
         checkpoint: A checkpoint of ``liverseg train``; model and preprocessing come from it.
         inputs: NIfTI CT files (HU), folders of them, or Task03 roots (see :func:`collect_inputs`).
-        out_dir: Output folder (created).
+        out_dir: Output folder (created). Temp files that a killed run left there more than an
+            hour ago are removed.
         overwrite: Replace a case's existing outputs; otherwise that case is a failure.
         prepared: The inputs were reduced by ``liverseg prepare`` (predict at their resolution);
             otherwise they are originals, reduced by the checkpoint's factor and mapped back.
@@ -115,9 +135,13 @@ def predict_paths(
     """
     from tqdm import tqdm
 
+    from liverseg.io import SHARED_TEMP_MIN_AGE_S, remove_stale_temp_files
+
     model, settings = load_model(checkpoint, device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Temp files of a killed earlier run; another predict may be writing to the same folder now.
+    remove_stale_temp_files([out_dir], min_age_s=SHARED_TEMP_MIN_AGE_S)
     files, failures = collect_inputs(inputs)
     summary_path = out_dir / SUMMARY_NAME
     rows = _read_summary(summary_path)
@@ -155,6 +179,7 @@ def predict_paths(
                 lesions=report["lesion_count"],
                 seconds=f"{time.perf_counter() - start:.2f}",
                 status="ok",
+                warnings=WARNING_SEPARATOR.join(report["warnings"]),
             )
         _write_summary(summary_path, rows)
     return failures
@@ -219,11 +244,16 @@ def predict_case(
         settings: How to predict; ``settings.min_lesion_mm3`` is the smallest lesion the report
             counts and ``settings.provenance`` (which checkpoint) is stored as its ``model``.
         prepared: ``path`` was already reduced by ``liverseg prepare``.
+
+    Raises:
+        DataError: ``path`` cannot be read or segmented (NaN/Inf or int8 voxels); implausible
+            HU (a constant volume, no air or no tissue) go into the report's ``warnings``.
     """
     hu, affine = read_volume(path)
-    prediction = predict_volume(
-        model, nib.Nifti1Image(hu, affine), settings, prepared=prepared, progress=True
-    )
+    input_warnings = check_ct_values(hu, str(path))
+    image = nib.Nifti1Image(hu, affine)
+    image.set_filename(str(path))  # only so that predict_volume's log lines name the file
+    prediction = predict_volume(model, image, settings, prepared=prepared, progress=True)
     report = case_report(
         prediction.labels,
         affine,
@@ -231,6 +261,7 @@ def predict_case(
         min_tumor_mm3=settings.min_lesion_mm3,
         case_id=case_id,
     )
+    report["warnings"] = [*input_warnings, *report["warnings"]]
     report["input"] = str(path)
     if settings.provenance is not None:
         report["model"] = dict(settings.provenance)

@@ -3,7 +3,8 @@
 The steps of :func:`predict_volume`:
 
 1. Read the CT in HU at its stored dtype (int16 stays int16; no float64 copy;
-   :func:`liverseg.io.read_volume`).
+   :func:`liverseg.io.read_volume`); refuse NaN/Inf or int8 voxels and log a warning for
+   implausible HU, with the data doctor's rules (:mod:`liverseg.data.intensities`).
 2. An original-resolution scan and a model trained on data reduced by ``settings.factor`` > 1:
    reduce it exactly as ``liverseg prepare`` reduced the training data
    (:func:`liverseg.data.downsampling.downsample_image`: antialiased, block-centre grid).
@@ -25,6 +26,7 @@ The label map has exactly the input's shape and affine. The model and its
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,15 +38,18 @@ import torchio as tio
 from tqdm import tqdm
 
 from liverseg.data.downsampling import downsample_image, downsampled_affine
+from liverseg.data.intensities import check_ct_values
 from liverseg.devices import autocast_dtype, resolve_device, uses_channels_last
 from liverseg.errors import LiversegError
 from liverseg.geometry import spacing_mm
 from liverseg.inference.postprocess import postprocess_labels
 from liverseg.inference.settings import InferenceSettings
 from liverseg.inference.upsampling import upsample_and_decode
-from liverseg.io import read_volume
+from liverseg.io import read_volume, source_name
 from liverseg.labels import to_probabilities
 from liverseg.preprocessing import from_canonical, scale_hu, to_canonical
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -94,12 +99,16 @@ def predict_volume(
         The prediction; ``labels`` has the input's shape and ``affine`` is the input's.
 
     Raises:
-        DataError: Unreadable image.
+        DataError: Unreadable image, or voxels that cannot be segmented (NaN/Inf, int8 HU:
+            :func:`liverseg.data.intensities.check_ct_values`); implausible HU (a constant
+            volume, no air or no tissue) are logged as warnings.
         LiversegError: A patch size that is not a multiple of the model's size multiple.
     """
     _check_patch_size(model, settings.patch_size)
     factor = 1 if prepared else settings.factor
     hu, affine = read_volume(image)
+    for warning in check_ct_values(hu, source_name(image)):
+        log.warning("%s: %s", source_name(image), warning)
     device = _target_device(model, device)
     dtype = autocast_dtype(settings.amp, device)
     channels_last = uses_channels_last(device, dtype)

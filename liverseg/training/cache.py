@@ -4,13 +4,16 @@ Preprocessing (inference's own, :mod:`liverseg.preprocessing`): reorient to cano
 a fixed HU window and map it to (-1, 1), then CropOrPad to
 ``data.shape`` centred on the liver, so no liver slice is cut. It runs once per case and is cached
 as uncompressed ``.npy`` arrays that the workers memory-map, keyed by the preprocessing settings and
-the source files' size and mtime.
+the source files' size and mtime. An entry whose files are truncated or garbled is logged and
+rebuilt.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -24,6 +27,8 @@ from liverseg.errors import DataError
 from liverseg.geometry import label_affine_matches, spacing_mm
 from liverseg.io import atomic_path, read_labels, read_volume
 from liverseg.preprocessing import scale_hu, to_canonical
+
+log = logging.getLogger(__name__)
 
 # 2: spacing from the affine (liverseg.geometry), no longer the header's float32 zooms.
 CACHE_VERSION = 2
@@ -102,8 +107,9 @@ def preprocess_case(case: Case, cache_dir: Path, settings: dict) -> CachedCase:
         Path(f"{stem}.{s}") for s in ("image.npy", "label.npy", "json")
     )
     if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        return CachedCase(case.case_id, image_path, label_path, tuple(meta["spacing_mm"]))
+        found = _read_cached(case.case_id, image_path, label_path, meta_path)
+        if found is not None:
+            return found
     hu, labels, ras_affine = _load_aligned(
         case, settings["affine_tolerance_mm"], settings["copy_label_geometry"]
     )
@@ -119,8 +125,48 @@ def preprocess_case(case: Case, cache_dir: Path, settings: dict) -> CachedCase:
         with atomic_path(path) as tmp:
             np.save(tmp, array)
     with atomic_path(meta_path) as tmp:
-        tmp.write_text(json.dumps({"case_id": case.case_id, "spacing_mm": spacing}))
+        meta = {"case_id": case.case_id, "spacing_mm": spacing, "shape": list(labels.shape)}
+        tmp.write_text(json.dumps(meta))
     return CachedCase(case.case_id, image_path, label_path, spacing)
+
+
+def _read_cached(
+    case_id: str, image_path: Path, label_path: Path, meta_path: Path
+) -> CachedCase | None:
+    """The cache entry if its three files are whole; None, with a warning, when one is damaged.
+
+    An interrupted copy of a run folder or a disk error can leave a truncated or garbled
+    ``.npy`` or ``.json``. Memory-mapping checks each array's header and that its file holds
+    all its bytes; shapes and dtypes are checked against each other and the meta's ``shape``
+    (recorded since it was added). The caller rebuilds a damaged entry.
+    """
+    try:
+        meta = json.loads(meta_path.read_text())
+        spacing = tuple(float(s) for s in meta["spacing_mm"])
+        image = np.load(image_path, mmap_mode="r")
+        label = np.load(label_path, mmap_mode="r")
+        problem = _cache_problem(image, label, spacing, meta.get("shape"))
+    except (OSError, ValueError, EOFError, KeyError, TypeError, AttributeError) as exc:
+        problem = f"{type(exc).__name__}: {exc}"
+    if problem is None:
+        return CachedCase(case_id, image_path, label_path, spacing)
+    log.warning(
+        "cache entry %s is damaged (%s); rebuilding it", meta_path.with_suffix(".*"), problem
+    )
+    return None
+
+
+def _cache_problem(image, label, spacing: tuple, shape) -> str | None:
+    """What is wrong with memory-mapped cached arrays, or None."""
+    if image.ndim != 3 or image.shape != label.shape:
+        return f"image shape {image.shape} and label shape {label.shape} differ or are not 3D"
+    if shape is not None and list(image.shape) != list(shape):
+        return f"arrays of shape {image.shape} where the meta records {shape}"
+    if image.dtype != np.float16 or label.dtype != np.uint8:
+        return f"dtypes {image.dtype}/{label.dtype}, expected float16/uint8"
+    if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
+        return f"spacing {spacing} is not 3 positive numbers"
+    return None
 
 
 def build_cache(

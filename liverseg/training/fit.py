@@ -27,6 +27,7 @@ from liverseg.checkpoints import (
     preprocessing_record,
     restore_training_state,
     save_checkpoint,
+    saved_history,
     training_state,
 )
 from liverseg.config import Config, check_config, save_config
@@ -38,14 +39,14 @@ from liverseg.errors import CheckpointError, TrainingError
 from liverseg.evaluation.metrics import case_dice
 from liverseg.inference.settings import InferenceSettings
 from liverseg.inference.volume import predict_volume
-from liverseg.io import read_labels
+from liverseg.io import SHARED_TEMP_MIN_AGE_S, read_labels, remove_stale_temp_files
 from liverseg.labels import head_for_loss
 from liverseg.training.cache import build_cache
-from liverseg.training.history import metrics_row, plot_curves, read_metrics, write_metrics
+from liverseg.training.history import metrics_row, plot_curves, resume_history, write_metrics
 from liverseg.training.loader import PatchSettings, build_loader
 from liverseg.training.losses import compute_loss
 from liverseg.training.lr_schedules import learning_rate
-from liverseg.training.preflight import find_training_cases, resume_state
+from liverseg.training.preflight import check_run_writable, find_training_cases, resume_state
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +211,21 @@ def record_epoch(
     plot_curves(rows, run_dir / "curves.png")
 
 
+def remove_stale_temps(config: Config) -> None:
+    """Delete the temp files killed writes left in the run folder and the cache.
+
+    A kill mid-write leaves ``.NAME.XXXX.tmp.SUFFIX`` beside ``NAME``
+    (:func:`liverseg.io.atomic_path`). In ``run.dir`` and its ``checkpoints/``, ``predictions/``
+    and ``cache/`` they are this run's and go. A ``data.cache_dir`` may be shared by runs training
+    at the same time: there only those untouched for an hour go.
+    """
+    run_dir = Path(config.run.dir)
+    own = [run_dir, run_dir / "checkpoints", run_dir / "predictions", run_dir / "cache"]
+    remove_stale_temp_files(own)
+    if config.data.cache_dir:
+        remove_stale_temp_files([Path(config.data.cache_dir)], min_age_s=SHARED_TEMP_MIN_AGE_S)
+
+
 @dataclass
 class _Run:
     """What a training run carries from one epoch to the next."""
@@ -252,7 +268,9 @@ def _start_run(config: Config) -> _Run:
     if checkpoint is not None:
         restore_training_state(checkpoint, model, optimizer, scaler)
         run.start_epoch, run.best_metric = checkpoint["epoch"] + 1, checkpoint["best_metric"]
-        run.rows = read_metrics(run_dir / "metrics.csv", checkpoint["epoch"])
+        run.rows = resume_history(
+            run_dir / "metrics.csv", checkpoint["epoch"], saved_history(checkpoint), last
+        )
         log.info("resuming %s at epoch %d", last, run.start_epoch)
     return run
 
@@ -282,8 +300,9 @@ def _run_epoch(
     state = None
     if math.isfinite(loss):  # NaN is never saved
         state = training_state(
-            run.model, run.optimizer, run.scaler, epoch, run.best_metric, config, preprocessing
-        )
+            run.model, run.optimizer, run.scaler, epoch, run.best_metric, config, preprocessing,
+            history=run.rows,
+        )  # fmt: skip
     record_epoch(run.dir, run.rows, state, [run.last, run.best] if improved else [run.last])
     log.info(
         "epoch %d: loss %.4f%s (%.0f s)",
@@ -316,6 +335,8 @@ def fit(config: Config) -> dict:
         ``{"epoch", "best_metric", "metrics": last validation Dice, "run_dir"}``.
     """
     check_config(config)
+    check_run_writable(config)
+    remove_stale_temps(config)
     run = _start_run(config)
     cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else run.dir / "cache"
     loader = build_training_loader(config, run.train_cases, cache_dir, run.device.type == "cuda")

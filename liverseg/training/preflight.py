@@ -1,9 +1,10 @@
-"""What ``fit()`` checks before it spends time: the dataset and the run to resume.
+"""What ``fit()`` checks before it spends time: the run folder, the dataset, the run to resume.
 
-Each check raises with what was expected, what was found and how to fix it: the dataset at
-``data.root`` with every problem gathered (:func:`find_training_cases`), and a last checkpoint whose
-model/data config differs from the current one (:func:`resume_state`). The config's own values
-were checked when it was built (:func:`liverseg.config.check_config`).
+Each check raises with what was expected, what was found and how to fix it: a ``run.dir`` that
+cannot be written (:func:`check_run_writable`), the dataset at ``data.root`` with every problem
+gathered (:func:`find_training_cases`), and a last checkpoint whose model/data config differs
+from the current one (:func:`resume_state`). The config's own values were checked when it was
+built (:func:`liverseg.config.check_config`).
 """
 
 from __future__ import annotations
@@ -16,10 +17,13 @@ from liverseg.config import Config, diff_configs, to_dict
 from liverseg.data.cases import Case, find_cases
 from liverseg.data.checks import check_dataset
 from liverseg.data.problems import raise_for_errors
-from liverseg.errors import DataError, TrainingError
+from liverseg.errors import CheckpointError, DataError, TrainingError
+from liverseg.writable import check_writable_dir
 
 log = logging.getLogger(__name__)
 
+# What a checkpoint to resume from holds besides load_checkpoint's required keys.
+TRAINING_KEYS = ("optimizer", "scaler", "rng", "best_metric")
 # Data keys that may change between a run and its resume: where the data are and how fast they
 # are served, not what the model learns from.
 RESUMABLE_CHANGES = ("root", "cache_dir", "num_workers", "queue_length")
@@ -78,6 +82,16 @@ def resume_state(config: Config, last: Path) -> dict | None:
         return None
     checkpoint = load_checkpoint(last)
     saved, current = checkpoint["config"], to_dict(config)
+    missing = [key for key in TRAINING_KEYS if key not in checkpoint]
+    sections = isinstance(saved, dict) and all(
+        isinstance(saved.get(s), dict) for s in ("model", "data", "train")
+    )
+    if missing or not sections:
+        raise CheckpointError(
+            f"cannot resume from {last}: it lacks a training run's state "
+            f"({', '.join(missing) or 'config sections'}); copy checkpoints/best.pt over it, "
+            "delete it to start again, or set train.resume=never"
+        )
     changes = [
         line
         for section in ("model", "data")
@@ -96,3 +110,19 @@ def resume_state(config: Config, last: Path) -> dict | None:
             + "\nuse the same config, set train.resume=never, or choose another run.dir"
         )
     return checkpoint
+
+
+def check_run_writable(config: Config) -> None:
+    """Refuse a ``run.dir`` that cannot be written, before phantoms, cache or training.
+
+    Also ``data.root`` when phantoms are to be written there. A separate ``data.cache_dir`` is
+    not probed: a complete cache may be shared read-only.
+
+    Raises:
+        UnwritableError: The folder is on a read-only or full disk, lacks permission, or a file
+            is in its place; the message names it and the fix.
+    """
+    check_writable_dir(Path(config.run.dir), "run.dir")
+    root = Path(config.data.root)
+    if config.phantoms.cases > 0 and not (root / "imagesTr").is_dir():
+        check_writable_dir(root, "data.root (where the phantoms are written)")

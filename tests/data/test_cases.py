@@ -323,6 +323,49 @@ def _absurd_size(root):
     return case.image
 
 
+def _int8_wrapped(root):
+    image = phantom()[0]
+    image[:2] = -1100  # air below -1024 wraps to -76: some values stay negative
+    return write_case(root, 1, image=image.astype(np.int8)).image
+
+
+def _all_zero(root):
+    return write_case(root, 1, image=np.zeros(SHAPE, np.int16)).image
+
+
+def _mr_like(root):
+    image = np.random.default_rng(0).integers(100, 3000, SHAPE).astype(np.int16)
+    image[0, 0, 0], image[1, 1, 1] = 0, 4000
+    return write_case(root, 1, image=image).image
+
+
+def _lying_header(root):
+    case = write_case(root, 1)
+    patch_header(case.image, dim=[3, 240, 200, 160, 1, 1, 1, 1])
+    return case.image
+
+
+def _truncated_nii(root):
+    path = write_nifti(root / "imagesTr" / "liver_1.nii", phantom()[0])
+    write_nifti(root / "labelsTr" / "liver_1.nii.gz", phantom()[1])
+    path.write_bytes(path.read_bytes()[:-100])
+    return path
+
+
+def _dangling_symlink(root):
+    case = write_case(root, 1)
+    case.image.unlink()
+    case.image.symlink_to(root / "moved" / case.image.name)
+    return case.image
+
+
+def _looping_symlink(root):
+    case = write_case(root, 1)
+    case.label.unlink()
+    case.label.symlink_to(case.label.name)
+    return case.label
+
+
 BROKEN = {
     "empty": (_empty, "error", "empty file"),
     "truncated": (_truncated, "error", "truncated"),
@@ -344,6 +387,13 @@ BROKEN = {
     "no air": (_offset_no_air, "warning", "expected CT in HU"),
     "tumor free": (_tumor_free, "warning", "no tumor voxel"),
     "absurd size": (_absurd_size, "error", "shape (4000, 4000, 4000)"),
+    "int8": (_int8_wrapped, "error", "stored as 8-bit integers (int8, -128..127)"),
+    "all zero": (_all_zero, "warning", "every voxel is 0: a blank volume"),
+    "mr like": (_mr_like, "warning", "intensities span [0, 4000]: expected CT in HU"),
+    "lying header": (_lying_header, "error", "240 x 200 x 160 int16 voxels, 15,360,000 bytes"),
+    "truncated nii": (_truncated_nii, "error", "the file holds only 15,612 bytes"),
+    "dangling symlink": (_dangling_symlink, "error", "broken symlink: it points to"),
+    "looping symlink": (_looping_symlink, "error", "symlink loop"),
 }
 
 
@@ -483,3 +533,99 @@ def test_real_ct_passes_the_check(real_ct, tmp_path):
     assert not has_errors(problems), format_problems(problems)
     # The fixture's mask is liver only.
     assert [p.message.split(",")[0] for p in problems] == ["no tumor voxel (value 2)"]
+
+
+# --------------------------------------------------------------------------- datasets that lie
+
+
+def test_scaled_int8_storage_is_hu_and_accepted(tmp_path):
+    image = (phantom()[0] // 16).astype(np.int8)
+    path = write_case(tmp_path, 1, image=image).image
+    assert "int8" in only(check_dataset(tmp_path), path).message
+    patch_header(path, scl_slope=16.0, scl_inter=0.0)
+    assert check_dataset(tmp_path) == []
+
+
+def test_lying_header_is_refused_before_its_voxels_are_read(tmp_path, monkeypatch):
+    path = _lying_header(tmp_path)
+    real_read = liverseg.data.checks._read_voxels
+
+    def read_voxels(file, *args):
+        assert file != path, "voxels of the lying header were read"
+        return real_read(file, *args)
+
+    monkeypatch.setattr(liverseg.data.checks, "_read_voxels", read_voxels)
+    message = only(check_case(find_cases(tmp_path)[0]), path).message
+    assert "the file is truncated or its header is wrong: copy it again" in message
+
+
+def test_cases_whose_files_are_all_broken_links_do_not_vanish(tmp_path, capsys):
+    write_case(tmp_path, 1)
+    moved = tmp_path / "moved"
+    links = {}
+    for folder in ("imagesTr", "labelsTr"):
+        links[folder, 2] = tmp_path / folder / "liver_2.nii.gz"
+        links[folder, 2].symlink_to(moved / "liver_2.nii.gz")
+        links[folder, 3] = tmp_path / folder / "liver_3.nii.gz"
+        links[folder, 3].symlink_to("liver_3.nii.gz")
+    problems = check_dataset(tmp_path)
+    assert problems.n_cases == 3
+    messages = {p.path: p.message for p in problems if p.severity == "error"}
+    assert set(messages) == set(links.values()) and len(problems) == 4
+    for (_, n), path in links.items():
+        assert ("broken symlink" if n == 2 else "symlink loop") in messages[path]
+    assert str(moved / "liver_2.nii.gz") in messages[links["imagesTr", 2]]
+    assert main(["check", str(tmp_path)]) == 1
+    assert str(links["labelsTr", 3]) in capsys.readouterr().out
+
+
+def test_dataset_json_paths_outside_the_root_are_errors_and_not_read(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    write_case(root, 1)
+    elsewhere = write_case(tmp_path / "outside", 2)
+    content = {
+        "training": [
+            {"image": "./imagesTr/liver_1.nii.gz", "label": "./labelsTr/liver_1.nii.gz"},
+            {"image": "../outside/imagesTr/liver_2.nii.gz", "label": str(elsewhere.label)},
+        ]
+    }
+    (root / "dataset.json").write_text(json.dumps(content))
+    opened = []
+    real_load = nib.load
+    monkeypatch.setattr(
+        liverseg.data.checks.nib, "load", lambda p, *a, **k: opened.append(p) or real_load(p)
+    )
+    problems = check_dataset(root)
+    outside = {root / "../outside/imagesTr/liver_2.nii.gz", elsewhere.label}
+    assert {p.path for p in problems} == outside and has_errors(problems)
+    assert all("outside the dataset folder" in p.message for p in problems)
+    assert all("symlink to it inside the folder" in p.message for p in problems)
+    assert not any("outside" in str(p) for p in opened)
+    with pytest.raises(DataError, match="outside the dataset folder"):
+        raise_for_errors(check_dataset(root, cases=find_cases(root)), root)
+    # What the message offers: a link inside the folder is the user's explicit choice.
+    for folder, target in (("imagesTr", elsewhere.image), ("labelsTr", elsewhere.label)):
+        (root / folder / "liver_2.nii.gz").symlink_to(target)
+    write_dataset_json(root, [1, 2])
+    assert check_dataset(root) == []
+
+
+def test_empty_dataset_is_an_error_of_check_and_of_training(tmp_path, capsys):
+    root = tmp_path / "data"
+    for folder in ("imagesTr", "labelsTr"):
+        (root / folder).mkdir(parents=True)
+    problem = only(check_dataset(root), root / "imagesTr")
+    assert problem.severity == "error" and problem.message.startswith("no training case:")
+    assert main(["check", str(root)]) == 1
+    capsys.readouterr()
+    code = main(["train", f"data.root={root}", f"run.dir={tmp_path / 'run'}", "data.num_workers=0"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "no training case" in err and str(root / "imagesTr") in err
+    assert "num_train" not in err and "Traceback" not in err
+    # A dataset.json with an empty training list: its files are unlisted, so still no case.
+    write_case(root, 1)
+    write_dataset_json(root, [])
+    problems = check_dataset(root)
+    error = only([p for p in problems if p.severity == "error"], root / "imagesTr")
+    assert "dataset.json lists none under 'training'" in error.message

@@ -24,15 +24,6 @@ from liverseg.evaluation.metrics import (
     surface_distances,
     volume_overlap_error,
 )
-from liverseg.geometry import axial_diameters, chord_diameters
-
-
-def _slice_diameters(mask_2d: np.ndarray, spacing_2d: tuple[float, float]) -> tuple[float, float]:
-    """Diameters of a 2D mask taken as the one axial slice of a volume (axis 2 axial)."""
-    affine = np.diag([*spacing_2d, 5.0, 1.0])
-    long_mm, short_mm, index = axial_diameters(mask_2d[..., None], affine)
-    assert index == 0
-    return long_mm, short_mm
 
 
 def _cube(shape, start, size) -> np.ndarray:
@@ -143,30 +134,6 @@ def test_lesions_use_26_connectivity_and_a_volume_threshold():
     assert count == 0 and not kept.any()
     kept, count = lesions(mask, 2.0, min_volume_mm3=5.0)
     assert count == 1 and kept[7, 7, 6] == 1 and kept[1, 1, 1] == 0
-
-
-def test_rectangle_diameters_by_hand():
-    # 10 x 4 voxels at 1.5 x 0.8 mm, voxel centres: the longest chord is the diagonal between
-    # corner centres, (13.5, 2.4) mm. Perpendicular to it, the chord between the two ends of one
-    # column, offset (0, 2.4) mm, lies 2.4 * 2.4 / 13.71 = 0.42 mm along the long axis (within
-    # one 0.8 mm voxel) and spans 2.4 * 13.5 / 13.71 mm across it.
-    mask = np.zeros((14, 8), dtype=bool)
-    mask[2:12, 2:6] = True
-    long_mm, short_mm = _slice_diameters(mask, (1.5, 0.8))
-    diagonal = math.hypot(13.5, 2.4)
-    assert long_mm == pytest.approx(diagonal)
-    assert short_mm == pytest.approx(2.4 * 13.5 / diagonal)
-
-
-def test_line_and_disk_diameters():
-    line = np.zeros((3, 9), dtype=bool)
-    line[1, 1:8] = True
-    assert _slice_diameters(line, (2.0, 0.8)) == pytest.approx((6 * 0.8, 0.0))
-    assert chord_diameters(np.zeros((1, 2))) == (0.0, 0.0)
-    disk = _ellipsoid((41, 41), (20, 20), (15, 15))
-    long_mm, short_mm = _slice_diameters(disk, (0.5, 0.5))
-    assert long_mm == pytest.approx(15.0, abs=0.5)
-    assert short_mm == pytest.approx(15.0, abs=0.6)
 
 
 def test_size_classes():

@@ -191,3 +191,76 @@ def test_unreadable_prepare_record_fails_that_input(tmp_path, checkpoint):
     failures = predict_paths(checkpoint, [ct], tmp_path / "out")
     assert len(failures) == 1 and failures[0][0] == ct
     assert "prepare.json" in failures[0][1]
+
+
+def test_stale_temp_files_of_a_killed_run_are_removed_at_start(tmp_path, checkpoint):
+    import os
+    import time
+
+    out = tmp_path / "out"
+    out.mkdir()
+    hour_ago = time.time() - 3700
+    stale = [out / ".case_seg.nii.gz.k3x9q0ab.tmp.nii.gz", out / ".summary.csv.abc123.tmp.csv"]
+    fresh = out / ".other_seg.nii.gz.z8y7x6wv.tmp.nii.gz"  # another predict may be writing it
+    unrelated = [out / "notes.txt", out / ".hidden", out / ".notes.txt.abc123.tmp.png"]
+    for path in [*stale, fresh, *unrelated]:
+        path.write_bytes(b"x" * 100)
+    for path in [*stale, *unrelated]:
+        os.utime(path, (hour_ago, hour_ago))
+    ct = write_ct(tmp_path / "in" / "case.nii.gz")
+    assert predict_paths(checkpoint, [ct], out, device="cpu") == []
+    assert not any(p.exists() for p in stale)
+    assert fresh.exists() and all(p.exists() for p in unrelated)
+    assert read_summary(out)["case"]["status"] == "ok"
+
+
+# --------------------------------------------------------------------------- input checks
+
+
+def write_volume(path, hu, affine=None):
+    affine = np.diag([1.5, 1.5, 2.5, 1.0]) if affine is None else affine
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(hu, affine), str(path))
+    return path
+
+
+def test_inputs_that_cannot_be_segmented_fail_alone_naming_the_file(tmp_path, checkpoint, capsys):
+    folder, out = tmp_path / "in", tmp_path / "out"
+    write_ct(folder / "good.nii.gz")
+    hu = np.random.default_rng(0).normal(50, 80, size=(20, 18, 12)).astype(np.float32)
+    bad = {}
+    for name, value, suffix in (("nan", np.nan, ".nii.gz"), ("inf", np.inf, ".nii")):
+        volume = hu.copy()
+        volume[5, 6, 7] = value
+        bad[name] = write_volume(folder / f"{name}{suffix}", volume)
+    bad["wrapped"] = write_volume(folder / "wrapped.nii.gz", hu.astype(np.int16).astype(np.int8))
+    argv = ["predict", "--checkpoint", str(checkpoint), str(folder), "--out", str(out)]
+    assert main([*argv, "--device", "cpu"]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 3
+    for name, path in bad.items():
+        (line,) = [line for line in errors if line.startswith(f"error: {path}: ")]
+        assert ("8-bit integers" if name == "wrapped" else "1 NaN/Inf voxels") in line
+        assert not (out / f"{name}_seg.nii.gz").exists()
+    assert (out / "good_seg.nii.gz").is_file()
+    rows = read_summary(out)
+    assert rows["good"]["status"] == "ok" and rows["good"]["warnings"] == ""
+    assert all(rows[name]["status"].startswith("failed: DataError") for name in bad)
+
+
+def test_implausible_intensities_are_warned_in_report_and_summary(tmp_path, checkpoint):
+    folder, out = tmp_path / "in", tmp_path / "out"
+    mr = np.random.default_rng(0).integers(100, 3000, size=(20, 18, 12)).astype(np.int16)
+    mr[0, 0, 0], mr[1, 1, 1] = 0, 4000
+    write_volume(folder / "mr.nii.gz", mr)
+    write_volume(folder / "blank.nii.gz", np.zeros((20, 18, 12), np.int16))
+    assert predict_paths(checkpoint, [folder], out, device="cpu") == []
+    rows = read_summary(out)
+    for name, words in (("mr", "intensities span [0, 4000]"), ("blank", "every voxel is 0")):
+        report = json.loads((out / f"{name}_report.json").read_text())
+        assert report["warnings"][0].startswith(words)
+        assert rows[name]["status"] == "ok"
+        assert rows[name]["warnings"] == " | ".join(report["warnings"])
+        assert rows[name]["warnings"].startswith(words)
+    with (out / "summary.csv").open() as f:
+        assert f.readline().strip().endswith(",status,input,warnings")

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import math
+import re
+
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -384,3 +389,128 @@ def test_channels_last_choice():
     assert uses_channels_last(torch.device("cpu"), torch.bfloat16)
     assert uses_channels_last(torch.device("cuda"), torch.float16)
     assert not uses_channels_last(torch.device("cuda"), None)
+
+
+def rewritten_checkpoint(tmp_path, name: str, version: str = "0.1.0", **preprocessing):
+    """The tiny checkpoint with its version and some preprocessing values replaced."""
+    state = torch.load(write_tiny_checkpoint(tmp_path / "tiny.pt"), weights_only=True)
+    state["version"] = version
+    state["preprocessing"].update(preprocessing)
+    torch.save(state, tmp_path / name)
+    return tmp_path / name
+
+
+@pytest.mark.parametrize(
+    ("preprocessing", "problem"),
+    [
+        ({"hu_min": math.nan}, "hu_min=nan (expected a finite number of HU)"),
+        ({"hu_max": math.inf}, "hu_max=inf (expected a finite number of HU)"),
+        ({"hu_min": 300.0}, "hu_max=250.0 does not exceed hu_min=300.0"),
+        ({"head": "sigmoid"}, "head='sigmoid' (expected one of regions, softmax)"),
+        ({"factor": 0}, "factor=0 (expected an integer >= 1)"),
+        ({"factor": 1.5}, "factor=1.5 (expected an integer >= 1)"),
+    ],
+)
+def test_load_model_refuses_invalid_preprocessing_naming_file_and_key(
+    tmp_path, preprocessing, problem
+):
+    path = rewritten_checkpoint(tmp_path, "edited.pt", **preprocessing)
+    with pytest.raises(CheckpointError) as caught:
+        load_model(path, device="cpu")
+    message = str(caught.value)
+    assert message.startswith(f"checkpoint {path} holds invalid preprocessing: {problem}; ")
+    assert "\n" not in message
+
+
+def test_inference_settings_refuse_a_nan_window():
+    # NaN compares False both ways, so "hu_max > hu_min" catches it in either place.
+    for hu_min, hu_max in ((math.nan, 250.0), (-150.0, math.nan)):
+        with pytest.raises(LiversegError, match="hu_max .* must exceed hu_min"):
+            InferenceSettings(hu_min=hu_min, hu_max=hu_max)
+
+
+def test_a_checkpoint_of_a_newer_minor_release_is_refused(tmp_path):
+    path = rewritten_checkpoint(tmp_path, "future.pt", version="0.2.0")
+    match = r"future.pt was written by liverseg 0.2.0, newer than this liverseg 0.1.0; upgrade"
+    with pytest.raises(CheckpointError, match=match):
+        load_model(path, device="cpu")
+    with pytest.raises(CheckpointError, match="upgrade liverseg to 1.0 or later"):
+        load_model(rewritten_checkpoint(tmp_path, "major.pt", version="1.0.0"), device="cpu")
+
+
+@pytest.mark.parametrize(
+    ("version", "warning"),
+    [("0.1.7", "a newer patch release"), ("0.1.0", None), ("0.0.9", None), ("dev", "no readable")],
+)
+def test_other_checkpoint_versions_load(tmp_path, caplog, version, warning):
+    path = rewritten_checkpoint(tmp_path, "other.pt", version=version)
+    with caplog.at_level(logging.WARNING, logger="liverseg.checkpoints"):
+        _, settings = load_model(path, device="cpu")
+    assert settings.provenance["liverseg_version"] == version
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    if warning is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and warning in warnings[0] and "other.pt" in warnings[0]
+
+
+def test_a_checkpoint_folder_is_refused_with_the_files_it_holds(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match=r"run is a folder and holds no .pt file; give"):
+        load_model(run_dir)
+    write_tiny_checkpoint(run_dir / "checkpoints" / "last.pt")
+    write_tiny_checkpoint(run_dir / "checkpoints" / "best.pt")
+    with pytest.raises(CheckpointError) as caught:
+        load_model(run_dir)
+    best, last = run_dir / "checkpoints" / "best.pt", run_dir / "checkpoints" / "last.pt"
+    assert str(caught.value) == (
+        f"checkpoint {run_dir} is a folder; give a .pt file such as {best} "
+        f"(it holds {best}, {last})"
+    )
+
+
+# --------------------------------------------------------------------------- input checks
+
+
+def ct_with(value, dtype=np.float32, shape=(20, 18, 12)):
+    """A CT of ``shape`` in HU (air, body) with ``value`` at one voxel."""
+    hu = np.full(shape, -1000.0, dtype=np.float32)
+    hu[4:16, 4:14, :] = 40.0
+    hu[5, 6, 7] = value
+    return hu.astype(dtype)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_non_finite_voxels_are_refused_before_predicting(tmp_path, value):
+    settings = window(patch_size=16, postprocess=NO_POST, amp="off")
+    image = tio.ScalarImage(tensor=torch.from_numpy(ct_with(value))[None], affine=np.eye(4))
+    with pytest.raises(DataError, match=r"cannot segment this volume: 1 NaN/Inf voxels: expected"):
+        predict_volume(IdentityModel(), image, settings)
+    path = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(ct_with(value), np.eye(4)), str(path))
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: cannot segment"):
+        predict_volume(IdentityModel(), path, settings)
+
+
+def test_int8_hu_are_refused(tmp_path):
+    path = tmp_path / "wrapped.nii.gz"
+    nib.save(nib.Nifti1Image(ct_with(100, dtype=np.int16).astype(np.int8), np.eye(4)), str(path))
+    with pytest.raises(DataError, match=r"wrapped.nii.gz: cannot segment .* 8-bit integers"):
+        predict_volume(IdentityModel(), path, window(patch_size=16, postprocess=NO_POST))
+
+
+@pytest.mark.parametrize(
+    ("hu", "words"),
+    [
+        (np.zeros((20, 18, 12), np.int16), "every voxel is 0: a blank volume"),
+        (np.linspace(0, 4000, 20 * 18 * 12).reshape(20, 18, 12), "intensities span [0, 4000]"),
+    ],
+)
+def test_implausible_intensities_are_predicted_with_a_warning(caplog, hu, words):
+    settings = window(patch_size=16, postprocess=NO_POST, amp="off")
+    with caplog.at_level(logging.WARNING, logger="liverseg.inference.volume"):
+        prediction = predict_volume(IdentityModel(), as_image(hu), settings)
+    assert prediction.labels.shape == hu.shape
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert words in warning and warning.startswith("the ScalarImage: ")

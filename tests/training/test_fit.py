@@ -418,3 +418,126 @@ def test_logged_validation_dice_equals_evaluate_on_the_final_predictions(phantom
             assert np.isnan(evaluated), name
         else:
             assert float(logged) == pytest.approx(evaluated, abs=5e-5), name
+
+
+# Damaged run folders: one 2-epoch run, copied for each kind of damage, then resumed.
+
+
+@pytest.fixture(scope="module")
+def trained_run(phantom_root, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    fit(load_config(None, tiny_overrides(phantom_root, run_dir)))
+    return run_dir
+
+
+def copy_run(trained_run, tmp_path):
+    import shutil
+
+    return shutil.copytree(trained_run, tmp_path / "run")
+
+
+def test_garbage_split_json_is_one_line_with_the_fix(phantom_root, trained_run, tmp_path, capsys):
+    run_dir = copy_run(trained_run, tmp_path)
+    (run_dir / "split.json").write_text('{"train": ["liver_0", "liv')
+    code = cli_main(["train", *tiny_overrides(phantom_root, run_dir, "train.epochs=3")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "split.json is not readable JSON" in line and "delete it" in line
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["epoch"] == 2
+
+
+def garble_a_row(text):
+    return text + "xx,garbage,,\n"
+
+
+def change_a_value(text):
+    lines = text.splitlines(keepends=True)
+    lines[1] = lines[1].replace(lines[1].split(",")[1], "0.123456", 1)
+    return "".join(lines)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (garble_a_row, "epoch 'xx' is not a whole number"),
+        (lambda text: "", "is empty"),
+        (change_a_value, "disagrees with"),
+    ],
+    ids=["garbage-row", "emptied", "changed-value"],
+)
+def test_damaged_metrics_csv_is_rewritten_from_the_checkpoint(
+    phantom_root, trained_run, tmp_path, caplog, damage, message
+):
+    run_dir = copy_run(trained_run, tmp_path)
+    metrics = run_dir / "metrics.csv"
+    before = read_rows(run_dir)
+    metrics.write_text(damage(metrics.read_text()))
+    fit(load_config(None, tiny_overrides(phantom_root, run_dir, "train.epochs=3")))
+    rows = read_rows(run_dir)
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    assert rows[:2] == before  # the history came back from the checkpoint
+    (warning,) = [r.message for r in caplog.records if "rewritten from" in r.message]
+    assert str(metrics) in warning and message in warning and "last.pt" in warning
+
+
+def test_truncated_cache_array_is_rebuilt(phantom_root, trained_run, tmp_path, caplog):
+    run_dir = copy_run(trained_run, tmp_path)
+    image = sorted((run_dir / "cache").glob("*.image.npy"))[0]
+    whole = image.read_bytes()
+    image.write_bytes(whole[: len(whole) // 2])
+    fit(load_config(None, tiny_overrides(phantom_root, run_dir, "train.epochs=3")))
+    assert image.read_bytes() == whole
+    assert any(
+        "is damaged" in r.message and "rebuilding" in r.message and image.name[:20] in r.message
+        for r in caplog.records
+    )
+    assert [r["epoch"] for r in read_rows(run_dir)] == ["1", "2", "3"]
+
+
+def test_stale_temp_files_are_removed_at_start(phantom_root, trained_run, tmp_path, caplog):
+    run_dir = copy_run(trained_run, tmp_path)
+    cache_entry = sorted((run_dir / "cache").glob("*.image.npy"))[0].name
+    stale = [
+        run_dir / "checkpoints" / ".last.pt.abc123.tmp.pt",
+        run_dir / ".curves.png.k3x9q0ab.tmp.png",
+        run_dir / ".metrics.csv.k3x9q0ab.tmp.csv",
+        run_dir / "predictions" / ".liver_1_seg.nii.gz.k3x9q0ab.tmp.nii.gz",
+        run_dir / "predictions" / ".summary.csv.k3x9q0ab.tmp.csv",
+        run_dir / "cache" / f".{cache_entry}.k3x9q0ab.tmp.image.npy",
+    ]
+    kept = [run_dir / "notes.txt", run_dir / ".hidden", run_dir / "checkpoints" / ".x.tmp.pt"]
+    for path in [*stale, *kept]:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"x" * 1000)
+    # train.epochs=2: the run is complete, so nothing is trained; the folders are cleaned
+    with caplog.at_level("INFO", logger="liverseg.io"):
+        fit(load_config(None, tiny_overrides(phantom_root, run_dir)))
+    assert [p.name for p in stale if p.exists()] == []
+    assert all(p.exists() for p in kept)
+    assert any("removed 6 temp files (6000 bytes)" in r.message for r in caplog.records)
+
+
+def test_shared_cache_keeps_temp_files_another_run_may_be_writing(phantom_root, tmp_path):
+    from liverseg.training.fit import remove_stale_temps
+
+    shared = tmp_path / "shared_cache"
+    shared.mkdir()
+    old, new = shared / ".a.image.npy.k3x9q0ab.tmp.image.npy", shared / ".b.json.abc.tmp.json"
+    for path in (old, new):
+        path.write_bytes(b"x")
+    hours_ago = time.time() - 2 * 3600
+    os.utime(old, (hours_ago, hours_ago))
+    overrides = tiny_overrides(phantom_root, tmp_path / "run", f"data.cache_dir={shared}")
+    remove_stale_temps(load_config(None, overrides))
+    assert not old.exists() and new.exists()
+
+
+def test_checkpoint_without_training_state_is_refused(phantom_root, trained_run, tmp_path):
+    run_dir = copy_run(trained_run, tmp_path)
+    last = run_dir / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    del state["optimizer"]
+    torch.save(state, last)
+    with pytest.raises(CheckpointError, match=r"last.pt: it lacks a training run's state"):
+        fit(load_config(None, tiny_overrides(phantom_root, run_dir, "train.epochs=3")))

@@ -23,22 +23,6 @@ def perfect_logits(label: torch.Tensor, head: str, magnitude: float = 30.0) -> t
     return (2 * one_hot - 1) * magnitude
 
 
-def test_head_and_channels_of_each_loss():
-    assert [head_for_loss(name) for name in LOSSES] == ["regions", "regions", "softmax", "softmax"]
-    assert out_channels("regions") == 2
-    assert out_channels("softmax") == 3
-
-
-def test_unknown_loss_lists_the_choices():
-    with pytest.raises(ValueError, match="bce, bce_dice, ce, ce_dice") as info:
-        head_for_loss("dice")
-    assert "'dice'" in str(info.value)
-    with pytest.raises(ValueError, match="bce, bce_dice, ce, ce_dice"):
-        compute_loss(torch.zeros(1, 2, 4, 1, 1), LABEL, "focal")
-    with pytest.raises(ValueError, match="regions, softmax"):
-        out_channels("sigmoid")
-
-
 def test_regions_from_labels():
     regions = regions_from_labels(LABEL)
     assert regions.shape == (1, 2, 4, 1, 1) and regions.dtype == torch.float32
@@ -126,43 +110,6 @@ def test_soft_dice_sums_over_the_batch():
     assert soft_dice_loss(p, t).item() == pytest.approx(0.2, abs=1e-5)
 
 
-def test_to_probabilities():
-    logits = torch.tensor([0.0, math.log(3)]).reshape(2, 1, 1, 1)
-    regions = to_probabilities(logits, "regions").flatten().tolist()
-    assert regions == pytest.approx([0.5, 0.75])
-    softmax = to_probabilities(logits.unsqueeze(0), "softmax").flatten().tolist()
-    assert softmax == pytest.approx([0.25, 0.75])
-
-
-def test_to_labels_regions_keeps_tumor_inside_liver():
-    # Voxels: liver only, liver + tumor, tumor without liver region, nothing.
-    p = torch.tensor([[0.9, 0.9, 0.2, 0.1], [0.1, 0.8, 0.95, 0.2]]).reshape(2, 4, 1, 1)
-    labels = to_labels(p, "regions")
-    assert labels.dtype == torch.uint8 and labels.shape == (4, 1, 1)
-    assert labels.flatten().tolist() == [LIVER, TUMOR, BACKGROUND, BACKGROUND]
-    assert to_labels(p, "regions", threshold=0.85).flatten().tolist() == [
-        LIVER,
-        LIVER,
-        BACKGROUND,
-        BACKGROUND,
-    ]
-    batch = to_labels(torch.stack([p, p.flip(1)]), "regions")
-    assert batch.shape == (2, 4, 1, 1)
-    assert batch[1].flatten().tolist() == [BACKGROUND, BACKGROUND, TUMOR, LIVER]
-
-
-def test_to_labels_softmax_is_argmax():
-    p = torch.tensor([[0.7, 0.1, 0.2], [0.2, 0.5, 0.3], [0.1, 0.3, 0.6]]).T.reshape(1, 3, 3, 1, 1)
-    labels = to_labels(p, "softmax")
-    assert labels.dtype == torch.uint8 and labels.shape == (1, 3, 1, 1)
-    assert labels.flatten().tolist() == [BACKGROUND, LIVER, TUMOR]
-
-
-def test_to_labels_rejects_a_head_channel_mismatch():
-    with pytest.raises(ValueError, match="another loss"):
-        to_labels(torch.zeros(3, 2, 2, 2), "regions")
-
-
 @pytest.mark.parametrize("head", ["regions", "softmax"])
 def test_decoding_perfect_logits_gives_the_label_back(head):
     probabilities = to_probabilities(perfect_logits(LABEL, head), head)
@@ -220,3 +167,8 @@ def test_deep_supervision_loss_weighs_outputs_against_the_reduced_label():
 def test_deep_supervision_needs_an_output():
     with pytest.raises(ValueError, match="at least one output"):
         compute_loss((), LABEL, "bce")
+
+
+def test_unknown_loss_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="bce, bce_dice, ce, ce_dice"):
+        compute_loss(torch.zeros(1, 2, 4, 1, 1), LABEL, "focal")
