@@ -12,11 +12,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import re
 import tempfile
 from pathlib import Path
 
 from liverseg.errors import LiversegError
+from liverseg.io import temp_destination
 
 # The filesystem errors the CLI reports as one line with a fix; any other OSError is a bug.
 FILESYSTEM_FIXES = {
@@ -31,8 +31,6 @@ FILESYSTEM_FIXES = {
 }
 
 PROBE_PREFIX = ".liverseg-probe-"
-# io.atomic_path writes to ".NAME.XXXXXXXX.tmp<suffixes>" beside NAME (mkstemp's 8 characters).
-_ATOMIC_TEMP = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp")
 
 
 class UnwritableError(LiversegError):
@@ -53,8 +51,7 @@ class UnwritableError(LiversegError):
 def final_path(filename: str | os.PathLike[str]) -> Path:
     """The file being written when ``filename`` is a temporary name of ``io.atomic_path``."""
     path = Path(filename)
-    match = _ATOMIC_TEMP.match(path.name)
-    return path.with_name(match["name"]) if match else path
+    return temp_destination(path) or path
 
 
 def describe_os_error(exc: OSError) -> str | None:

@@ -336,7 +336,7 @@ def test_evaluate_prints_its_table_when_the_csv_cannot_be_written(
     def disk_full(src, dst):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(src))
 
-    monkeypatch.setattr("liverseg.io.os.replace", disk_full)  # after the early check passed
+    monkeypatch.setattr("liverseg.io.files.os.replace", disk_full)  # after the early check passed
     code, out, err = run(capsys, "evaluate", predictions, dataset, "--out", csv_path)
     assert_user_error(code, err, f"metrics CSV {csv_path}: No space left on device", "free space")
     assert "liver_2" in out and "global Dice" in out  # the computed table is not lost

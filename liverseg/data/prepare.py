@@ -29,7 +29,7 @@ from liverseg.constants import LABEL_NAMES, LABEL_VALUES
 from liverseg.data.cases import SPLITS, Case, MissingTestFolderError, find_cases
 from liverseg.data.downsampling import downsample_case
 from liverseg.errors import DataError, LiversegError
-from liverseg.io import atomic_path, fingerprint
+from liverseg.io import atomic_path, fingerprint, remove_stale_temp_files
 from liverseg.writable import check_writable_dir
 
 logger = logging.getLogger(__name__)
@@ -132,14 +132,6 @@ def _run_job(job: dict, out_dir: str, factor: int) -> dict:
     record.update(case_id=job["case_id"], split=job["split"], image=job["image"])
     record["label"] = job["label"]
     return record
-
-
-def _remove_stale_temps(out: Path) -> None:
-    """Delete temp files left by a killed run (atomic_path names them ``.NAME.*.tmp.*``)."""
-    for folder in ("imagesTr", "labelsTr", "imagesTs"):
-        for stale in (out / folder).glob(".*.tmp.nii*"):
-            logger.info("removing unfinished temp file %s", stale)
-            stale.unlink(missing_ok=True)
 
 
 def _open_record(out: Path, src: Path, factor: int) -> dict:
@@ -287,7 +279,7 @@ def prepare_dataset(
     jobs = _jobs(src, out)
     check_writable_dir(out, "OUT_DIR")
     out.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(out)
+    remove_stale_temp_files([out / folder for folder in ("imagesTr", "labelsTr", "imagesTs")])
     record = _open_record(out, src, factor)
     todo = [job for job in jobs if not _is_finished(job, record["cases"].get(job["case_id"]), out)]
     for job in todo:
