@@ -25,6 +25,7 @@ from liverseg.data.intensities import ct_value_problems
 from liverseg.data.problems import ERROR, WARNING, Problem, Problems
 from liverseg.geometry import label_affine_matches, spacing_is_trustworthy, spacing_mm
 from liverseg.io import data_size_problem, missing_file_reason
+from liverseg.labels import invalid_label_values
 
 log = logging.getLogger(__name__)
 
@@ -124,17 +125,11 @@ def _image_value_problems(path: Path, img, data: np.ndarray) -> list[Problem]:
 def _label_value_problems(path: Path, data: np.ndarray) -> list[Problem]:
     expected = ", ".join(map(str, LABEL_VALUES))
     fix = f"expected integers {{{expected}}} (background, liver, tumor); fix the label map"
-    if data.dtype.kind == "f":
-        bad = ~np.isfinite(data) | (data != np.round(data))
-        if bad.any():
-            found = np.unique(data[bad])[:5].tolist()
-            return [Problem(ERROR, path, f"label holds non-integral values {found}: {fix}")]
-    # One boolean array per value: np.isin's table method allocates an intp index per voxel.
-    outside = data != LABEL_VALUES[0]
-    for value in LABEL_VALUES[1:]:
-        outside &= data != value
-    if outside.any():
-        found = np.unique(data[outside])[:10].tolist()
+    found = invalid_label_values(data)
+    fractional = [v for v in found if not float(v).is_integer()]
+    if fractional:
+        return [Problem(ERROR, path, f"label holds non-integral values {fractional[:5]}: {fix}")]
+    if found:
         return [Problem(ERROR, path, f"label values {found} outside the label set: {fix}")]
     if not np.any(data == TUMOR):
         liver = "liver only" if np.any(data == LIVER) else "no liver either"

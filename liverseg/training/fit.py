@@ -26,7 +26,6 @@ from liverseg.checkpoints import (
     inference_settings,
     preprocessing_record,
     restore_training_state,
-    save_checkpoint,
     saved_history,
     training_state,
 )
@@ -35,18 +34,23 @@ from liverseg.constants import CASE_ID, DICE_CLASSES, IMAGE, LABEL
 from liverseg.data.cases import Case
 from liverseg.data.splits import load_or_create_split
 from liverseg.devices import autocast_dtype, resolve_device, training_layout
-from liverseg.errors import CheckpointError, TrainingError
+from liverseg.errors import TrainingError
 from liverseg.evaluation.metrics import case_dice
 from liverseg.inference.settings import InferenceSettings
 from liverseg.inference.volume import predict_volume
-from liverseg.io import SHARED_TEMP_MIN_AGE_S, read_labels, remove_stale_temp_files
+from liverseg.io import read_labels
 from liverseg.labels import head_for_loss
 from liverseg.training.cache import build_cache
-from liverseg.training.history import metrics_row, plot_curves, resume_history, write_metrics
+from liverseg.training.history import metrics_row, resume_history
 from liverseg.training.loader import PatchSettings, build_loader
 from liverseg.training.losses import compute_loss
 from liverseg.training.lr_schedules import learning_rate
 from liverseg.training.preflight import check_run_writable, find_training_cases, resume_state
+from liverseg.training.run_folder import (
+    record_epoch,
+    remove_stale_temps,
+    write_final_predictions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -188,44 +192,6 @@ def split_cases(config: Config, run_dir: Path) -> tuple[list[Case], list[Case]]:
     return [by_id[i] for i in split["train"]], [by_id[i] for i in split["val"]]
 
 
-def record_epoch(
-    run_dir: Path, rows: list[dict], state: dict | None, checkpoints: list[Path]
-) -> None:
-    """Leave an epoch on disk: ``metrics.csv``, then its checkpoints, then ``curves.png``.
-
-    ``metrics.csv`` comes before the checkpoints: a kill between the two leaves a row the resumed
-    run drops and redoes (:func:`liverseg.training.history.read_metrics`), never a checkpointed
-    epoch without its row.
-
-    Args:
-        run_dir: The run folder.
-        rows: Every ``metrics.csv`` row so far, this epoch's last.
-        state: The checkpoint's contents (:func:`liverseg.checkpoints.training_state`), or None
-            when the epoch's loss is not finite and nothing is saved.
-        checkpoints: Where ``state`` goes: ``last.pt``, and ``best.pt`` on a new best.
-    """
-    write_metrics(run_dir / "metrics.csv", rows)
-    if state is not None:
-        for path in checkpoints:
-            save_checkpoint(path, **state)
-    plot_curves(rows, run_dir / "curves.png")
-
-
-def remove_stale_temps(config: Config) -> None:
-    """Delete the temp files killed writes left in the run folder and the cache.
-
-    A kill mid-write leaves ``.NAME.XXXX.tmp.SUFFIX`` beside ``NAME``
-    (:func:`liverseg.io.atomic_path`). In ``run.dir`` and its ``checkpoints/``, ``predictions/``
-    and ``cache/`` they are this run's and go. A ``data.cache_dir`` may be shared by runs training
-    at the same time: there only those untouched for an hour go.
-    """
-    run_dir = Path(config.run.dir)
-    own = [run_dir, run_dir / "checkpoints", run_dir / "predictions", run_dir / "cache"]
-    remove_stale_temp_files(own)
-    if config.data.cache_dir:
-        remove_stale_temp_files([Path(config.data.cache_dir)], min_age_s=SHARED_TEMP_MIN_AGE_S)
-
-
 @dataclass
 class _Run:
     """What a training run carries from one epoch to the next."""
@@ -354,29 +320,3 @@ def fit(config: Config) -> dict:
     ):
         scores = _run_epoch(run, epoch, loader, settings, preprocessing)
     return _finish_run(run, scores)
-
-
-def write_final_predictions(run_dir: Path, checkpoint: Path, cases: list[Case], config) -> None:
-    """Predict the validation cases into ``predictions/`` and animate the first one."""
-    from liverseg.inference.batch import predict_paths
-    from liverseg.visualize import animate_files
-
-    out = run_dir / "predictions"
-    failures = predict_paths(
-        checkpoint,
-        [c.image for c in cases],
-        out,
-        overwrite=True,
-        prepared=True,
-        device=config.train.device,
-    )
-    if failures:
-        raise CheckpointError(f"final predictions failed: {failures}")
-    first = cases[0]
-    animate_files(
-        first.image,
-        seg=out / f"{first.case_id}_seg.nii.gz",
-        truth=first.label,
-        out=run_dir / "animation.html",
-    )
-    log.info("validation predictions in %s, animation in %s", out, run_dir / "animation.html")

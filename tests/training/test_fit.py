@@ -211,7 +211,7 @@ def test_killed_run_resumes_with_continuous_metrics(phantom_root, tmp_path):
 
 
 def test_crash_while_writing_metrics_loses_no_row(phantom_root, tmp_path, monkeypatch):
-    import liverseg.training.fit as train_module
+    import liverseg.training.run_folder as train_module
     from liverseg.training.history import write_metrics as real_write
 
     run_dir = tmp_path / "run"
@@ -519,7 +519,7 @@ def test_stale_temp_files_are_removed_at_start(phantom_root, trained_run, tmp_pa
 
 
 def test_shared_cache_keeps_temp_files_another_run_may_be_writing(phantom_root, tmp_path):
-    from liverseg.training.fit import remove_stale_temps
+    from liverseg.training.run_folder import remove_stale_temps
 
     shared = tmp_path / "shared_cache"
     shared.mkdir()
