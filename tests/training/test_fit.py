@@ -541,3 +541,16 @@ def test_checkpoint_without_training_state_is_refused(phantom_root, trained_run,
     torch.save(state, last)
     with pytest.raises(CheckpointError, match=r"last.pt: it lacks a training run's state"):
         fit(load_config(None, tiny_overrides(phantom_root, run_dir, "train.epochs=3")))
+
+
+def test_validation_does_not_change_what_training_draws(phantom_root, tmp_path):
+    # Validating after epoch 1 or not, epoch 2 trains on the same patches: inference draws nothing
+    # from the global RNG (the torchio window it once used did, 3+ draws per validated case).
+    weights = []
+    for val_every in (1, 2):
+        run_dir = tmp_path / f"val_every_{val_every}"
+        overrides = tiny_overrides(phantom_root, run_dir, f"train.val_every={val_every}")
+        fit(load_config(None, overrides))
+        weights.append(load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"])
+    for key, value in weights[0].items():
+        torch.testing.assert_close(weights[1][key], value, rtol=0, atol=0)
