@@ -364,3 +364,12 @@ def test_bf16_on_a_cpu_without_it_is_warned(monkeypatch, caplog):
     warnings = [r for r in caplog.records if "without native bf16" in r.getMessage()]
     assert len(warnings) == 1  # once per process
     devices._warn_emulated_bf16.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["train.seed=-1", "data.split_seed=-3", "phantoms.seed=4294967296", "data.degrees=[-200,10]"],
+)
+def test_seeds_and_rotations_have_ranges(override):
+    with pytest.raises(ConfigError, match=override.split("=")[0]):
+        load_config(None, (override,))

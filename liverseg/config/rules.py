@@ -61,6 +61,7 @@ class Bounds:
 _POSITIVE = Bounds(0, low_open=True)
 _NON_NEGATIVE = Bounds(0)
 _FRACTION = Bounds(0, 1, high_open=True)
+_SEED = Bounds(0, 2**32 - 1)
 # Numeric keys whose values are limited; a value outside is refused when the config loads.
 RANGES: dict[str, Bounds] = {
     "data.num_train": Bounds(1),
@@ -85,6 +86,12 @@ RANGES: dict[str, Bounds] = {
     "inference.min_tumor_mm3": _NON_NEGATIVE,
     "phantoms.cases": _NON_NEGATIVE,
     "phantoms.shape": Bounds(1),
+    # Seeds: numpy's generators take 0 <= seed < 2**32 (a negative one failed at fit's start).
+    "data.split_seed": _SEED,
+    "train.seed": _SEED,
+    "phantoms.seed": _SEED,
+    # A rotation of more than half a turn either way is the same as a smaller one.
+    "data.degrees": Bounds(-180, 180),
 }
 
 # The keys a problem concerns (their sources are named) and what is wrong.
