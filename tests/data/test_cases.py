@@ -430,16 +430,24 @@ def test_identity_halved_by_prepare_is_still_warned(tmp_path, times):
     assert f"identity-like affine (axis-aligned, {2**times} mm spacing" in problem.message
 
 
-def test_absurd_header_is_refused_before_reading_voxels(tmp_path, monkeypatch):
-    path = _absurd_size(tmp_path)
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        ("absurd size", "header claims shape"),
+        ("lying header", "the file is truncated or its header is wrong: copy it again"),
+    ],
+)
+def test_bad_header_is_refused_before_its_voxels_are_read(tmp_path, monkeypatch, make, expected):
+    path = {"absurd size": _absurd_size, "lying header": _lying_header}[make](tmp_path)
     real_read = liverseg.data.checks._read_voxels
 
     def read_voxels(file, *args):
-        assert file != path, "voxels of the absurd header were read"
+        assert file != path, f"voxels of the {make} file were read"
         return real_read(file, *args)
 
     monkeypatch.setattr(liverseg.data.checks, "_read_voxels", read_voxels)
-    assert only(check_case(find_cases(tmp_path)[0]), path).severity == "error"
+    problem = only(check_case(find_cases(tmp_path)[0]), path)
+    assert problem.severity == "error" and expected in problem.message
 
 
 def test_all_problems_of_a_dataset_are_reported_together(tmp_path):
@@ -544,19 +552,6 @@ def test_scaled_int8_storage_is_hu_and_accepted(tmp_path):
     assert "int8" in only(check_dataset(tmp_path), path).message
     patch_header(path, scl_slope=16.0, scl_inter=0.0)
     assert check_dataset(tmp_path) == []
-
-
-def test_lying_header_is_refused_before_its_voxels_are_read(tmp_path, monkeypatch):
-    path = _lying_header(tmp_path)
-    real_read = liverseg.data.checks._read_voxels
-
-    def read_voxels(file, *args):
-        assert file != path, "voxels of the lying header were read"
-        return real_read(file, *args)
-
-    monkeypatch.setattr(liverseg.data.checks, "_read_voxels", read_voxels)
-    message = only(check_case(find_cases(tmp_path)[0]), path).message
-    assert "the file is truncated or its header is wrong: copy it again" in message
 
 
 def test_cases_whose_files_are_all_broken_links_do_not_vanish(tmp_path, capsys):
