@@ -163,3 +163,16 @@ def test_broken_and_looping_symlinks_are_listed_and_named_when_read(tmp_path):
         read_stored(folder / "loop.nii.gz")
     assert missing_file_reason(tmp_path / "absent.nii.gz") == "not found"
     assert missing_file_reason(folder) == "a folder, not a file"
+
+
+def test_nifti2_header_claiming_10_to_the_15_voxels_is_refused_without_allocating(tmp_path):
+    # NIfTI-1 dimensions stop at 32767; NIfTI-2 can claim 100000^3 float64 (8 PB) in 644 bytes.
+    header = nib.Nifti2Header()
+    header.set_data_shape((100000, 100000, 100000))
+    header.set_data_dtype(np.float64)
+    header["vox_offset"] = 544
+    path = tmp_path / "huge.nii"
+    block = header.binaryblock
+    path.write_bytes(block + b"\0" * (544 - len(block)) + b"\0" * 100)
+    with pytest.raises(DataError, match=r"huge\.nii: the header claims 100000 x 100000 x 100000"):
+        read_volume(path)

@@ -36,53 +36,63 @@ _READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, MemoryError, ImageFil
 
 def _open_volume(path: Path, role: str) -> tuple[object | None, list[Problem]]:
     """Load the header of ``path``; return the image if its voxels may be read."""
-
-    def err(message: str) -> tuple[None, list[Problem]]:
+    message = _file_problem(path, role)
+    if message is None:
+        try:
+            img = nib.load(str(path))
+            # nibabel silently turns 0 or negative pixdim into 1 or abs(); read them as stored.
+            with ImageOpener(path) as fileobj:
+                stored = type(img.header).from_fileobj(fileobj, check=False)
+            zooms = np.asarray(stored["pixdim"][1:4], float)
+        except _READ_ERRORS as exc:
+            message = (
+                f"{role} is not a readable NIfTI file ({type(exc).__name__}: {exc}); expected a "
+                ".nii/.nii.gz volume, replace it with a good copy"
+            )
+    if message is None:
+        message = _header_problem(img, zooms, role)
+    if message is not None:
         return None, [Problem(ERROR, path, message)]
+    if len(img.shape) == 4:
+        shape = img.shape
+        message = (
+            f"{role} shape {shape} has a trailing 4th dim of 1: accepted and read as 3D "
+            f"{shape[:3]}; save it as 3D to silence this"
+        )
+        return img, [Problem(WARNING, path, message)]
+    return img, []
 
+
+def _file_problem(path: Path, role: str) -> str | None:
+    """Why ``path`` is not a file with contents, or None."""
     if path.is_symlink() and not path.is_file():
-        return err(
+        return (
             f"{role} is a {missing_file_reason(path)}: expected a NIfTI file here; point the "
             "link at the file (or copy the file in its place), or remove the case"
         )
     if not path.is_file():
-        return err(f"{role} is missing: expected a NIfTI file here; add it or remove the case")
+        return f"{role} is missing: expected a NIfTI file here; add it or remove the case"
     if path.stat().st_size == 0:
-        return err(
+        return (
             f"{role} is an empty file (0 bytes): expected a NIfTI volume; copy or download it again"
         )
-    try:
-        img = nib.load(str(path))
-        # nibabel silently turns 0 or negative pixdim into 1 or abs(); read them as stored.
-        with ImageOpener(path) as fileobj:
-            stored = type(img.header).from_fileobj(fileobj, check=False)
-        shape, zooms = img.shape, np.asarray(stored["pixdim"][1:4], float)
-    except _READ_ERRORS as exc:
-        return err(
-            f"{role} is not a readable NIfTI file ({type(exc).__name__}: {exc}); expected a "
-            ".nii/.nii.gz volume, replace it with a good copy"
-        )
-    problems = []
-    if len(shape) == 4 and shape[3] == 1:
-        problems.append(
-            Problem(
-                WARNING,
-                path,
-                f"{role} shape {shape} has a trailing 4th dim of 1: accepted and read as 3D "
-                f"{shape[:3]}; save it as 3D to silence this",
-            )
-        )
-    elif len(shape) != 3:
-        return err(f"{role} has shape {shape}: expected a 3D volume (W, H, D); save it as 3D")
+    return None
+
+
+def _header_problem(img, zooms: np.ndarray, role: str) -> str | None:
+    """What is wrong with a loaded header (shape, size, spacing, data size), or None."""
+    shape = img.shape
+    if len(shape) != 3 and not (len(shape) == 4 and shape[3] == 1):
+        return f"{role} has shape {shape}: expected a 3D volume (W, H, D); save it as 3D"
     if int(np.prod(shape, dtype=np.int64)) == 0 or np.prod(shape, dtype=float) > MAX_VOXELS:
-        return err(
+        return (
             f"{role} header claims shape {shape}: expected 1 to {MAX_VOXELS:,} voxels; the header "
             "is corrupt, replace the file"
         )
     spacing = np.asarray(spacing_mm(img.affine))
     finite = np.all(np.isfinite(zooms)) and np.all(np.isfinite(img.affine))
     if not (finite and np.all(zooms > 0) and np.all(spacing > 0)):
-        return err(
+        return (
             f"{role} spacing is {zooms.tolist()} mm (affine: {spacing.round(4).tolist()} mm): "
             "expected positive finite voxel sizes; fix pixdim and the affine in the header"
         )
@@ -90,9 +100,7 @@ def _open_volume(path: Path, role: str) -> tuple[object | None, list[Problem]]:
         size_problem = data_size_problem(img)
     except _READ_ERRORS as exc:
         size_problem = f"cannot be read ({type(exc).__name__}: {exc}); copy it again"
-    if size_problem is not None:
-        return err(f"{role} data: {size_problem}")
-    return img, problems
+    return None if size_problem is None else f"{role} data: {size_problem}"
 
 
 def _read_voxels(path: Path, img, role: str) -> tuple[np.ndarray | None, list[Problem]]:
