@@ -263,6 +263,7 @@ def inference_settings(
         batch_size=inference.batch_size,
         blending=inference.blending,
         amp=inference.amp,
+        tta_flips=inference.tta_flips,
         postprocess=Postprocess(
             keep_largest_liver=inference.keep_largest_liver,
             tumor_inside_liver=inference.tumor_inside_liver,

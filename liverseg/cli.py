@@ -12,6 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
+from liverseg.constants import TTA_FLIPS
 from liverseg.errors import LiversegError
 from liverseg.writable import (
     UnwritableError,
@@ -115,6 +116,7 @@ def _predict(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         prepared=args.prepared,
         device=args.device,
+        tta_flips=args.tta,
     )
     for path, message in failures:
         print(f"error: {path}: {message}", file=sys.stderr)
@@ -131,6 +133,10 @@ def _add_predict_parser(sub) -> None:
         "--prepared", action="store_true", help="inputs were already reduced by `liverseg prepare`"
     )
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--tta", type=int, choices=TTA_FLIPS, default=None, metavar="FLIPS",
+        help="mirrored passes averaged per window: 1, 2, 4 or 8 (default: the checkpoint's)",
+    )  # fmt: skip
     p.set_defaults(func=_predict)
 
 

@@ -26,6 +26,9 @@ AMP_MODES = ("auto", "bf16", "fp16", "off")
 DEVICE_TYPES = ("auto", "cpu", "cuda", "mps")
 # inference.blending (liverseg.inference.volume): how overlapping patch probabilities are weighted.
 BLENDINGS = ("hann", "average")
+# inference.tta_flips: mirrored passes averaged per window (1: none; 2: left-right; 4: and
+# anterior-posterior; 8: and inferior-superior, all of nnU-Net's mirrorings).
+TTA_FLIPS = (1, 2, 4, 8)
 # train.loss and the output head each trains (liverseg.training.losses).
 LOSSES = ("bce", "bce_dice", "ce", "ce_dice")
 HEADS = ("regions", "softmax")

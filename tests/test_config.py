@@ -373,3 +373,9 @@ def test_bf16_on_a_cpu_without_it_is_warned(monkeypatch, caplog):
 def test_seeds_and_rotations_have_ranges(override):
     with pytest.raises(ConfigError, match=override.split("=")[0]):
         load_config(None, (override,))
+
+
+def test_tta_flips_choices_are_checked_at_load():
+    assert load_config(None, ("inference.tta_flips=8",)).inference.tta_flips == 8
+    with pytest.raises(ConfigError, match=r"inference.tta_flips=3 is not one of 1, 2, 4, 8"):
+        load_config(None, ("inference.tta_flips=3",))

@@ -22,6 +22,7 @@ from liverseg.constants import (
     LR_SCHEDULES,
     NORMS,
     RESUME_MODES,
+    TTA_FLIPS,
 )
 from liverseg.errors import ConfigError
 
@@ -125,6 +126,12 @@ def _choice_problems(config: Config) -> Iterator[_Problem]:
             allowed = ", ".join(choices)
             hint = nearest_hint(value, choices)
             yield (key,), f"{_show(config, key)} is not one of {allowed}{hint}"
+    if config.inference.tta_flips not in TTA_FLIPS:
+        allowed = ", ".join(map(str, TTA_FLIPS))
+        yield (
+            ("inference.tta_flips",),
+            f"{_show(config, 'inference.tta_flips')} is not one of {allowed}",
+        )
     # Whether the device exists is asked when training starts: a checkpoint moves between machines.
     kind, colon, index = config.train.device.partition(":")
     if kind not in DEVICE_TYPES or (colon and (kind == "auto" or not index.isdigit())):

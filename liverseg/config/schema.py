@@ -99,6 +99,8 @@ class InferenceConfig:
     keep_largest_liver: bool = True
     tumor_inside_liver: bool = True
     min_tumor_mm3: float = 10.0
+    # Test-time mirroring: 1 (none), 2, 4 or 8 flipped passes averaged (liverseg.constants).
+    tta_flips: int = 1
 
 
 @dataclass(frozen=True)

@@ -112,6 +112,7 @@ def predict_paths(
     overwrite: bool = False,
     prepared: bool = False,
     device: str | torch.device = "auto",
+    tta_flips: int | None = None,
 ) -> list[Failure]:
     """Segment every input and write segmentations, reports and ``summary.csv`` to ``out_dir``.
 
@@ -126,6 +127,8 @@ def predict_paths(
             Inputs inside a folder written by ``liverseg prepare`` (see :func:`prepare_record_of`)
             are predicted at their resolution either way, and a log line says so.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ...
+        tta_flips: Test-time mirroring passes (1, 2, 4 or 8); None: the checkpoint's
+            ``inference.tta_flips``.
 
     Returns:
         ``(input path, message)`` per input that failed; empty when all succeeded.
@@ -138,6 +141,8 @@ def predict_paths(
     from liverseg.io import SHARED_TEMP_MIN_AGE_S, remove_stale_temp_files
 
     model, settings = load_model(checkpoint, device)
+    if tta_flips is not None:
+        settings = settings.replace(tta_flips=tta_flips)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # Temp files of a killed earlier run; another predict may be writing to the same folder now.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from liverseg.constants import AMP_MODES, BLENDINGS, HEADS
+from liverseg.constants import AMP_MODES, BLENDINGS, HEADS, TTA_FLIPS
 from liverseg.errors import LiversegError
 from liverseg.inference.postprocess import Postprocess
 
@@ -34,6 +34,9 @@ class InferenceSettings:
         blending: ``"hann"`` or ``"average"`` weighting of overlapping patch probabilities.
         amp: ``"auto"`` (bf16 autocast on CUDA, fp16 where bf16 is unsupported; fp32 on CPU and
             MPS), ``"bf16"``/``"fp16"`` (that autocast dtype on any device) or ``"off"`` (fp32).
+        tta_flips: Test-time mirroring: each window is also predicted mirrored and the
+            probabilities averaged: 1 (none), 2 (left-right), 4 (and anterior-posterior), 8 (and
+            inferior-superior: nnU-Net's 8). Costs that many forward passes.
         postprocess: Post-processing steps (:class:`Postprocess`), or None for none.
         provenance: Which checkpoint these settings came from (``checkpoint``, ``epoch``,
             ``liverseg_version``); reports record it. None when built by hand.
@@ -48,6 +51,7 @@ class InferenceSettings:
     batch_size: int = 2
     blending: str = "hann"
     amp: str = "auto"
+    tta_flips: int = 1
     postprocess: Postprocess | None = Postprocess()
     provenance: dict | None = field(default=None, compare=False)
 
@@ -64,6 +68,10 @@ class InferenceSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or int(value) != value or value < 1:
                 problems.append(f"{name} must be a positive integer, got {value!r}")
+        if self.tta_flips not in TTA_FLIPS:
+            problems.append(
+                f"tta_flips={self.tta_flips!r}: choose one of {', '.join(map(str, TTA_FLIPS))}"
+            )
         if not 0 <= self.overlap < 1:
             problems.append(f"overlap must be a fraction in [0, 1), got {self.overlap}")
         if problems:

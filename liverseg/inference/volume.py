@@ -175,6 +175,30 @@ def _inference_state(model: torch.nn.Module, device: torch.device, channels_last
         model.train(was_training)
 
 
+def mirror_dims(tta_flips: int) -> list[tuple[int, ...]]:
+    """The batch dims to flip for each pass of test-time mirroring (``()``: the plain pass).
+
+    Patches are ``(B, C, W, H, D)`` in canonical RAS order, so dim 2 is left-right, 3
+    anterior-posterior and 4 inferior-superior; ``tta_flips`` = 2 ** (number of those axes).
+    """
+    axes = (2, 3, 4)[: {1: 0, 2: 1, 4: 2, 8: 3}[tta_flips]]
+    return [tuple(a for i, a in enumerate(axes) if mask >> i & 1) for mask in range(tta_flips)]
+
+
+def _mirrored_probabilities(model, patches, settings: InferenceSettings, autocast) -> torch.Tensor:
+    """Probabilities of a batch, averaged over the mirrored passes (accumulated, not stacked)."""
+    total = None
+    for dims in mirror_dims(settings.tta_flips):
+        inputs = patches.flip(dims) if dims else patches
+        with autocast:
+            logits = model(inputs)
+        probabilities = to_probabilities(logits.float(), settings.head)
+        if dims:
+            probabilities = probabilities.flip(dims)
+        total = probabilities if total is None else total.add_(probabilities)
+    return total / settings.tta_flips if settings.tta_flips > 1 else total
+
+
 def _check_patch_size(model: torch.nn.Module, patch_size: int) -> None:
     multiple = int(getattr(model, "size_multiple", 1))
     if patch_size % multiple:
@@ -250,7 +274,6 @@ def _run_patches(
                 ]
             )
             patches = patches.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-            with autocast:
-                logits = model(patches)
-            aggregator.add_batch(to_probabilities(logits.float(), settings.head), batch_locations)
+            probabilities = _mirrored_probabilities(model, patches, settings, autocast)
+            aggregator.add_batch(probabilities, batch_locations)
             bar.update(len(batch_locations))

@@ -514,3 +514,67 @@ def test_implausible_intensities_are_predicted_with_a_warning(caplog, hu, words)
     assert prediction.labels.shape == hu.shape
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert words in warning and warning.startswith("the ScalarImage: ")
+
+
+# --- test-time mirroring ------------------------------------------------------------------------
+
+
+def test_mirror_dims_cover_every_flip_once():
+    from liverseg.inference.volume import mirror_dims
+
+    assert mirror_dims(1) == [()]
+    assert mirror_dims(2) == [(), (2,)]
+    assert sorted(mirror_dims(8)) == sorted(
+        [(), (2,), (3,), (2, 3), (4,), (2, 4), (3, 4), (2, 3, 4)]
+    )
+
+
+@pytest.mark.parametrize("flips", [2, 4, 8])
+def test_mirroring_an_equivariant_model_changes_nothing(flips):
+    labels = random_labels((20, 17, 11), seed=4)
+    plain = window(patch_size=16, postprocess=NO_POST, amp="off")
+    mirrored = plain.replace(tta_flips=flips)
+    expected = predict_volume(IdentityModel(), as_image(labels), plain).labels
+    got = predict_volume(IdentityModel(), as_image(labels), mirrored).labels
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(got, labels)
+
+
+def test_mirroring_averages_the_flipped_passes():
+    # One window covers the volume: the mirrored probabilities must be the mean of the model's
+    # output and its left-right flipped output on the flipped input, by hand.
+    rng = np.random.default_rng(5)
+    volume = rng.uniform(0.0, 2.0, size=(16, 16, 16)).astype(np.float32)
+    image = tio.ScalarImage(tensor=torch.from_numpy(volume)[None], affine=np.eye(4))
+    model = DirectionalModel()  # not mirror-symmetric: the average differs from one pass
+    settings = window(patch_size=16, overlap=0.0, blending="average", postprocess=NO_POST)
+    settings = settings.replace(amp="off", tta_flips=2)
+    prediction = predict_volume(model, image, settings, keep_probabilities=True)
+    x = torch.from_numpy(volume)[None, None] - 1.0  # the window (0, 2) -> (-1, 1)
+    with torch.no_grad():
+        one = torch.sigmoid(model(x))
+        flipped = torch.sigmoid(model(x.flip(2))).flip(2)
+    expected = ((one + flipped) / 2)[0].numpy()
+    np.testing.assert_allclose(prediction.probabilities, expected, atol=1e-5)
+    assert not np.allclose(one[0].numpy(), expected, atol=1e-3)
+
+
+def test_tta_flips_is_checked_and_reaches_the_cli(tmp_path, tiny_checkpoint):
+    with pytest.raises(LiversegError, match="tta_flips=3"):
+        window(tta_flips=3)
+    from liverseg.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(tiny_checkpoint),
+                "--out",
+                str(tmp_path),
+                "x",
+                "--tta",
+                "3",
+            ]
+        )
+    assert exit_info.value.code == 2
