@@ -30,7 +30,6 @@ import nibabel as nib
 import torch
 
 from liverseg.checkpoints import load_model
-from liverseg.data.intensities import check_ct_values
 from liverseg.data.prepare import RECORD_NAME, load_prepare_record
 from liverseg.evaluation.report import case_report
 from liverseg.inference.settings import InferenceSettings
@@ -255,7 +254,6 @@ def predict_case(
             HU (a constant volume, no air or no tissue) go into the report's ``warnings``.
     """
     hu, affine = read_volume(path)
-    input_warnings = check_ct_values(hu, str(path))
     image = nib.Nifti1Image(hu, affine)
     image.set_filename(str(path))  # only so that predict_volume's log lines name the file
     prediction = predict_volume(model, image, settings, prepared=prepared, progress=True)
@@ -266,7 +264,7 @@ def predict_case(
         min_tumor_mm3=settings.min_lesion_mm3,
         case_id=case_id,
     )
-    report["warnings"] = [*input_warnings, *report["warnings"]]
+    report["warnings"] = [*prediction.warnings, *report["warnings"]]
     report["input"] = str(path)
     if settings.provenance is not None:
         report["model"] = dict(settings.provenance)

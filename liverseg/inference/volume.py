@@ -61,11 +61,14 @@ class Prediction:
         affine: 4 x 4 voxel-to-world matrix (mm), the input's.
         probabilities: float32 ``(C, W, H, D)`` (see :mod:`liverseg.labels` for the channels),
             before post-processing; only when asked for (``keep_probabilities=True``).
+        warnings: Why the input's values look implausible for CT in HU (a constant volume, no
+            air or no tissue: :func:`liverseg.data.intensities.check_ct_values`); empty if none.
     """
 
     labels: np.ndarray
     affine: np.ndarray
     probabilities: np.ndarray | None = field(default=None, repr=False)
+    warnings: list[str] = field(default_factory=list)
 
 
 def predict_volume(
@@ -101,13 +104,14 @@ def predict_volume(
     Raises:
         DataError: Unreadable image, or voxels that cannot be segmented (NaN/Inf, int8 HU:
             :func:`liverseg.data.intensities.check_ct_values`); implausible HU (a constant
-            volume, no air or no tissue) are logged as warnings.
+            volume, no air or no tissue) are logged and returned in ``warnings``.
         LiversegError: A patch size that is not a multiple of the model's size multiple.
     """
     _check_patch_size(model, settings.patch_size)
     factor = 1 if prepared else settings.factor
     hu, affine = read_volume(image)
-    for warning in check_ct_values(hu, source_name(image)):
+    warnings = check_ct_values(hu, source_name(image))
+    for warning in warnings:
         log.warning("%s: %s", source_name(image), warning)
     device = _target_device(model, device)
     dtype = autocast_dtype(settings.amp, device)
@@ -128,7 +132,9 @@ def predict_volume(
     )
     if settings.postprocess is not None:
         labels = postprocess_labels(labels, spacing_mm(affine), settings.postprocess)
-    return Prediction(labels=labels, affine=affine.copy(), probabilities=full_probabilities)
+    return Prediction(
+        labels=labels, affine=affine.copy(), probabilities=full_probabilities, warnings=warnings
+    )
 
 
 def _target_device(model: torch.nn.Module, device: str | torch.device | None) -> torch.device:
