@@ -9,6 +9,7 @@ predict``, the benchmarks and the notebook all take it, so no caller maps config
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from liverseg.constants import AMP_MODES, BLENDINGS, HEADS, TTA_FLIPS
@@ -56,7 +57,11 @@ class InferenceSettings:
     provenance: dict | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        problems = []
+        problems = [
+            f"{name}={getattr(self, name)!r} (expected a finite number of HU)"
+            for name in ("hu_min", "hu_max")
+            if not math.isfinite(getattr(self, name))
+        ]
         if not self.hu_max > self.hu_min:
             problems.append(f"hu_max ({self.hu_max}) must exceed hu_min ({self.hu_min})")
         for name, choices in (("head", HEADS), ("blending", BLENDINGS), ("amp", AMP_MODES)):

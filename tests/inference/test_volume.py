@@ -578,3 +578,9 @@ def test_tta_flips_is_checked_and_reaches_the_cli(tmp_path, tiny_checkpoint):
             ]
         )
     assert exit_info.value.code == 2
+
+
+def test_inference_settings_refuse_an_infinite_window():
+    # -inf < 250 passes the order check; scaling by an infinite width would give NaN everywhere.
+    with pytest.raises(LiversegError, match=r"hu_min=-inf \(expected a finite number of HU\)"):
+        InferenceSettings(hu_min=-math.inf, hu_max=250.0)
