@@ -10,17 +10,25 @@ Run: ``python benchmarks/inference.py`` (minutes on 2 CPU cores; ``--quick`` for
 2. Seconds for the whole volume (patch 96, overlap 0.5, batch 2), each in the same process:
    - ``monai fp32``: ``monai.inferers.sliding_window_inference(mode="gaussian")`` on the already
      windowed tensor, then the same decoding (``losses.to_probabilities``/``to_labels``);
-   - ``liverseg fp32``: ``predict_volume(amp="off")`` from the HU image (windowing, reorientation,
-     blending, decoding and post-processing all included);
+   - ``liverseg fp32, every window``: ``predict_volume(amp="off", skip_air_windows=False)`` from
+     the HU image (windowing, reorientation, blending, decoding and post-processing all
+     included), the default path before air windows were skipped;
+   - ``liverseg default``: ``predict_volume`` with the default settings: ``amp="auto"`` (fp32
+     on CPU, bf16 autocast on CUDA) and windows of nothing but air skipped;
    - ``liverseg bf16``: ``predict_volume(amp="bf16")``: bf16 autocast, channels-last 3D on CPU;
-     what ``inference.amp: bf16`` in ``configs/demo.yaml`` selects. (The default ``amp="auto"``
-     is fp32 on CPU: the ``liverseg fp32`` path.)
-   Dice agreement of the bf16 path's labels with the fp32 path's (liver incl. tumor, tumor).
-3. With ``--checkpoint CKPT IMAGE [IMAGE ...]`` (e.g. the demo's ``best.pt`` and its validation
+     what ``inference.amp: bf16`` in ``configs/demo.yaml`` selects. Only on a CPU with native
+     bf16 (elsewhere oneDNN emulates it, tens of times slower) or with ``--bf16``.
+   The share of windows the default path skipped, and Dice agreement of its labels (and the bf16
+   path's) with the fp32 path's (liver incl. tumor, tumor).
+3. With ``--images IMAGE [IMAGE ...]`` (e.g. ``liverseg phantoms OUT --cases 1 --shape 256 256
+   200`` and a real CT): per image, predicted at its own resolution with the same model, the
+   share of windows skipped as air and the seconds with and without skipping, and the Dice of
+   the two label maps (liver incl. tumor); ``--images-only``: the brief fit and just this table.
+4. With ``--checkpoint CKPT IMAGE [IMAGE ...]`` (e.g. the demo's ``best.pt`` and its validation
    phantoms, a model that really finds tumors): Dice agreement of the bf16 path's labels with
    the fp32 path's for liver and tumor on each image, with that checkpoint's other settings
    (``--agreement-only``: just this table).
-4. Peak resident memory (``VmHWM`` of a fresh subprocess) for a ``512 x 512 x 500`` int16
+5. Peak resident memory (``VmHWM`` of a fresh subprocess) for a ``512 x 512 x 500`` int16
    NIfTI (``--quick``: ``256 x 256 x 128``) predicted on the bf16 path as ``liverseg predict``
    would with the demo's checkpoint: from the file, zoom 2.
 
@@ -42,12 +50,17 @@ import nibabel as nib
 import numpy as np
 import torch
 import torchio as tio
-from monai.inferers import sliding_window_inference
+
+try:
+    from monai.inferers import sliding_window_inference
+except ImportError:  # the comparison is left out; liverseg's own figures still print
+    sliding_window_inference = None
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
 from liverseg.checkpoints import load_model
 from liverseg.constants import LIVER, TUMOR
+from liverseg.devices import cpu_supports_bf16
 from liverseg.inference.postprocess import Postprocess, postprocess_labels
 from liverseg.inference.settings import InferenceSettings
 from liverseg.inference.volume import predict_volume
@@ -70,6 +83,7 @@ def fit_briefly(model: UNet3D, image: np.ndarray, label: np.ndarray, steps: int,
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
     half = FIT_PATCH // 2
+    native_bf16 = cpu_supports_bf16()  # emulated bf16 makes a step take minutes
     for step in range(steps):
         xs, ys = [], []
         for _ in range(2):
@@ -81,7 +95,7 @@ def fit_briefly(model: UNet3D, image: np.ndarray, label: np.ndarray, steps: int,
             box = tuple(slice(s, s + FIT_PATCH) for s in start)
             xs.append(torch.from_numpy(scaled[box].copy())[None])
             ys.append(torch.from_numpy(label[box].astype(np.int64))[None])
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=native_bf16):
             logits = model(torch.stack(xs))
         loss = compute_loss(logits, torch.stack(ys), "bce_dice")
         optimizer.zero_grad()
@@ -178,6 +192,22 @@ def checkpoint_agreement(checkpoint: str, images: list[str]) -> list[tuple[str, 
     return rows
 
 
+def print_air_skipping(model: UNet3D, settings: InferenceSettings, images: list[str]) -> None:
+    """Per image: windows skipped as air, seconds with and without skipping, label agreement."""
+    print("air windows skipped (default settings) against every window run, same model:")
+    print(f"{'image':<28}{'shape':>16}{'skipped':>9}{'s, skip':>9}{'s, all':>9}{'Dice':>8}")
+    for path in images:
+        every = settings.replace(skip_air_windows=False)
+        skip, skip_s = timed(lambda p=path: predict_volume(model, p, settings, prepared=True))
+        full, full_s = timed(lambda p=path, s=every: predict_volume(model, p, s, prepared=True))
+        agree = dice(skip.labels > 0, full.labels > 0)
+        shape = "x".join(map(str, skip.labels.shape))
+        print(
+            f"{Path(path).name:<28}{shape:>16}{skip.skipped_share:>9.1%}{skip_s:>9.1f}"
+            f"{full_s:>9.1f}{agree:>8.4f}"
+        )
+
+
 def print_agreement(checkpoint_and_images: list[str]) -> None:
     checkpoint, images = checkpoint_and_images[0], checkpoint_and_images[1:]
     print(f"bf16 vs fp32 labels of {checkpoint}:")
@@ -199,6 +229,16 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument(
         "--agreement-only", action="store_true", help="only the --checkpoint agreement table"
+    )
+    parser.add_argument(
+        "--images", nargs="+", default=None, metavar="IMAGE",
+        help="also measure air-window skipping on these CTs (predicted at their own resolution)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--images-only", action="store_true", help="fit the model, then only the --images table"
+    )
+    parser.add_argument(
+        "--bf16", action="store_true", help="run the bf16 path even on a CPU without native bf16"
     )
     parser.add_argument("--ram-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -225,19 +265,37 @@ def main() -> None:
     settings = InferenceSettings(
         hu_min=HU_MIN, hu_max=HU_MAX, patch_size=patch, overlap=overlap, batch_size=batch
     )
-    # Warm-up (oneDNN kernel selection) on one patch for each path.
+    if args.images_only:
+        if not args.images:
+            parser.error("--images-only needs --images IMAGE [IMAGE ...]")
+        print(f"brief fit: {steps} steps of {FIT_PATCH}^3 patches, last loss {loss:.3f}")
+        print_air_skipping(model, settings, args.images)
+        return
+    bf16 = args.bf16 or cpu_supports_bf16() or torch.cuda.is_available()
+    paths = {
+        "liverseg fp32, every window": settings.replace(amp="off", skip_air_windows=False),
+        "liverseg default": settings,
+    }
+    if bf16:
+        paths["liverseg bf16"] = settings.replace(amp="bf16")
+    # Warm-up (oneDNN kernel selection) on one patch for each precision.
     warm = tio.ScalarImage(tensor=torch.from_numpy(hu[:patch, :patch, :patch].copy())[None])
-    for amp in ("off", "bf16"):
-        predict_volume(model, warm, settings.replace(amp=amp))
+    for amp in ("off", "bf16") if bf16 else ("off",):
+        predict_volume(model, warm, settings.replace(amp=amp, skip_air_windows=False))
 
-    reference, monai_seconds = timed(lambda: monai_labels(model, image, patch, overlap, batch))
-    fp32, fp32_seconds = timed(lambda: predict_volume(model, image, settings.replace(amp="off")))
-    fast, fast_seconds = timed(lambda: predict_volume(model, image, settings.replace(amp="bf16")))
-    reference = postprocess_labels(reference, voxel_sizes(affine), Postprocess())
+    if sliding_window_inference is not None:
+        reference, monai_seconds = timed(lambda: monai_labels(model, image, patch, overlap, batch))
+        reference = postprocess_labels(reference, voxel_sizes(affine), Postprocess())
+    results = {
+        name: timed(lambda s=s: predict_volume(model, image, s)) for name, s in paths.items()
+    }
+    fp32 = results["liverseg fp32, every window"][0]
+    default, default_seconds = results["liverseg default"]
 
     print(
         f"volume {shape}, patch {patch}, overlap {overlap}, batch {batch}, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"native bf16 on this CPU: {cpu_supports_bf16()}"
     )
     print(
         f"brief fit: {steps} steps of {FIT_PATCH}^3 patches in {fit_seconds:.0f} s, "
@@ -245,12 +303,20 @@ def main() -> None:
         f"{(fp32.labels > 0).mean():.2%} of voxels (truth {(label > 0).mean():.2%}), "
         f"tumor {(fp32.labels == TUMOR).mean():.3%}"
     )
-    print("liverseg bf16 path: amp='bf16' -> torch.bfloat16 autocast; channels-last 3D on CPU")
+    print(
+        f"liverseg default: amp={settings.amp!r} (fp32 on CPU), air windows skipped: "
+        f"{default.skipped_share:.1%} of the windows"
+    )
     print()
     print(f"{'path':<40}{'seconds':>10}")
-    print(f"{'monai sliding_window fp32 (gaussian)':<40}{monai_seconds:>10.1f}")
-    print(f"{'liverseg predict_volume fp32':<40}{fp32_seconds:>10.1f}")
-    print(f"{'liverseg predict_volume bf16':<40}{fast_seconds:>10.1f}")
+    if sliding_window_inference is not None:
+        print(f"{'monai sliding_window fp32 (gaussian)':<40}{monai_seconds:>10.1f}")
+    else:
+        print("monai sliding_window: not run, MONAI is not installed (pip install monai)")
+    for name, (_, seconds) in results.items():
+        print(f"{name:<40}{seconds:>10.1f}")
+    if not bf16:
+        print("(liverseg bf16 not run: no native bf16 on this CPU; --bf16 runs it emulated)")
     if not args.skip_ram:
         ram = measure_ram(ram_shape, patch, args.threads)
         print()
@@ -259,21 +325,35 @@ def main() -> None:
             f"(after imports + model: {ram['baseline_mib']:.0f} MiB; "
             f"input file {np.prod(ram_shape) * 2 / 2**20:.0f} MiB; {ram['seconds']:.0f} s)"
         )
-    liver_agree = dice(fast.labels > 0, fp32.labels > 0)
-    tumor_agree = dice(fast.labels == TUMOR, fp32.labels == TUMOR)
-    monai_agree = dice(reference > 0, fp32.labels > 0)
     print()
-    print(f"Dice bf16 vs fp32 labels: liver incl. tumor {liver_agree:.4f}, tumor {tumor_agree:.4f}")
-    print(
-        f"Dice liverseg fp32 vs monai (both post-processed), liver incl. tumor: {monai_agree:.4f}"
-    )
+    for name, (prediction, _) in results.items():
+        if prediction is not fp32:
+            liver = dice(prediction.labels > 0, fp32.labels > 0)
+            tumor = dice(prediction.labels == TUMOR, fp32.labels == TUMOR)
+            print(f"Dice {name} vs fp32 labels: liver incl. tumor {liver:.4f}, tumor {tumor:.4f}")
+    if sliding_window_inference is not None:
+        monai_agree = dice(reference > 0, default.labels > 0)
+        print(
+            "Dice liverseg default vs monai (both post-processed), liver incl. tumor: "
+            f"{monai_agree:.4f}"
+        )
+    if args.images:
+        print()
+        print_air_skipping(model, settings, args.images)
     if args.checkpoint:
         print()
         print_agreement(args.checkpoint)
+    every_seconds = results["liverseg fp32, every window"][1]
     print()
-    print(f"speed-up bf16 vs monai fp32: {monai_seconds / fast_seconds:.2f}x")
-    print(f"speed-up bf16 vs liverseg fp32: {fp32_seconds / fast_seconds:.2f}x")
-    assert set(np.unique(fast.labels)) <= {0, LIVER, TUMOR}
+    if sliding_window_inference is not None:
+        print(f"speed-up liverseg default vs monai fp32: {monai_seconds / default_seconds:.2f}x")
+    print(
+        f"speed-up liverseg default vs fp32, every window: {every_seconds / default_seconds:.2f}x"
+    )
+    if bf16 and sliding_window_inference is not None:
+        bf16_seconds = results["liverseg bf16"][1]
+        print(f"speed-up bf16 vs monai fp32: {monai_seconds / bf16_seconds:.2f}x")
+    assert set(np.unique(default.labels)) <= {0, LIVER, TUMOR}
 
 
 if __name__ == "__main__":

@@ -20,12 +20,14 @@ from liverseg.version import __version__  # noqa: F401 - liverseg.__version__
 # Public name -> the module that defines it.
 _PUBLIC = {
     "load_model": "liverseg.checkpoints",
+    "load_models": "liverseg.checkpoints",
     "predict_volume": "liverseg.inference.volume",
     "Prediction": "liverseg.inference.volume",
     "InferenceSettings": "liverseg.inference.settings",
     "Postprocess": "liverseg.inference.postprocess",
     "predict_paths": "liverseg.inference.batch",
     "fit": "liverseg.training.fit",
+    "cross_validate": "liverseg.training.cv",
     "load_config": "liverseg.config",
     "case_report": "liverseg.evaluation.report",
     "evaluate_folders": "liverseg.evaluation.folders",
@@ -36,7 +38,7 @@ _PUBLIC = {
 __all__ = sorted(_PUBLIC)
 
 if TYPE_CHECKING:  # the names above, for type checkers and IDEs
-    from liverseg.checkpoints import load_model  # noqa: F401
+    from liverseg.checkpoints import load_model, load_models  # noqa: F401
     from liverseg.config import load_config  # noqa: F401
     from liverseg.data.checks import check_dataset  # noqa: F401
     from liverseg.evaluation.folders import evaluate_folders  # noqa: F401
@@ -45,6 +47,7 @@ if TYPE_CHECKING:  # the names above, for type checkers and IDEs
     from liverseg.inference.postprocess import Postprocess  # noqa: F401
     from liverseg.inference.settings import InferenceSettings  # noqa: F401
     from liverseg.inference.volume import Prediction, predict_volume  # noqa: F401
+    from liverseg.training.cv import cross_validate  # noqa: F401
     from liverseg.training.fit import fit  # noqa: F401
     from liverseg.visualize import animate  # noqa: F401
 

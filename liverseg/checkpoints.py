@@ -15,6 +15,7 @@ import math
 import numbers
 import random
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from liverseg.constants import HEADS
 from liverseg.devices import resolve_device
 from liverseg.errors import CheckpointError, ConfigError, LiversegError
 from liverseg.inference.postprocess import Postprocess
-from liverseg.inference.settings import InferenceSettings
+from liverseg.inference.settings import RUN_FIELDS, InferenceSettings, spacing_problems
 from liverseg.io import atomic_path
 from liverseg.labels import head_for_loss, out_channels
 from liverseg.model import UNet3D
@@ -227,7 +228,13 @@ def build_model(config: Config, head: str | None = None) -> UNet3D:
     )
 
 
-def preprocessing_record(hu_min: float, hu_max: float, factor: int, head: str) -> dict:
+def preprocessing_record(
+    hu_min: float,
+    hu_max: float,
+    factor: int,
+    head: str,
+    spacing_mm: tuple[float, float, float] | None = None,
+) -> dict:
     """The plain dict a checkpoint carries so inference can rebuild preprocessing alone.
 
     Args:
@@ -235,8 +242,16 @@ def preprocessing_record(hu_min: float, hu_max: float, factor: int, head: str) -
         hu_max: Upper end of the HU window.
         factor: Reduction of the training data relative to the original scans (1: none).
         head: Output decoding, ``"regions"`` or ``"softmax"`` (:mod:`liverseg.labels`).
+        spacing_mm: The target spacing the training data were resampled to (canonical RAS
+            order), or None. Checkpoints written before it existed lack the key: None.
     """
-    return {"hu_min": float(hu_min), "hu_max": float(hu_max), "factor": int(factor), "head": head}
+    return {
+        "hu_min": float(hu_min),
+        "hu_max": float(hu_max),
+        "factor": int(factor),
+        "head": head,
+        "spacing_mm": None if spacing_mm is None else [float(v) for v in spacing_mm],
+    }
 
 
 def inference_settings(
@@ -249,7 +264,7 @@ def inference_settings(
 
     Args:
         config: The run's config (its ``inference`` section and ``data.patch_size``).
-        preprocessing: :func:`preprocessing_record`'s dict (HU window, factor, head).
+        preprocessing: :func:`preprocessing_record`'s dict (HU window, factor, head, spacing).
         provenance: Which checkpoint (path, epoch, version), recorded in reports.
     """
     inference = config.inference
@@ -258,12 +273,14 @@ def inference_settings(
         hu_max=float(preprocessing["hu_max"]),
         head=str(preprocessing["head"]),
         factor=int(preprocessing["factor"]),
+        spacing_mm=preprocessing.get("spacing_mm"),
         patch_size=int(config.data.patch_size),
         overlap=inference.overlap,
         batch_size=inference.batch_size,
         blending=inference.blending,
         amp=inference.amp,
         tta_flips=inference.tta_flips,
+        skip_air_windows=inference.skip_air_windows,
         postprocess=Postprocess(
             keep_largest_liver=inference.keep_largest_liver,
             tumor_inside_liver=inference.tumor_inside_liver,
@@ -290,6 +307,7 @@ def _preprocessing_problems(preprocessing: dict) -> list[str]:
     factor = preprocessing["factor"]
     if not isinstance(factor, numbers.Integral) or isinstance(factor, bool) or factor < 1:
         problems.append(f"factor={factor!r} (expected an integer >= 1)")
+    problems += spacing_problems(preprocessing.get("spacing_mm"))
     return problems
 
 
@@ -362,3 +380,66 @@ def load_model(
     model.eval().to(device)
     log.info("loaded %s (epoch %s) on %s", path, state.get("epoch"), device)
     return model, settings
+
+
+# The config key behind each setting an ensemble's checkpoints must share (errors name it).
+_SETTING_KEYS = {
+    "hu_min": "data.hu_min",
+    "hu_max": "data.hu_max",
+    "head": "head (from train.loss)",
+    "factor": "data.factor",
+    "spacing_mm": "data.spacing_mm",
+    "patch_size": "data.patch_size",
+}
+
+
+def load_models(
+    checkpoints: Sequence[str | Path], device: str | torch.device = "auto"
+) -> tuple[list[UNet3D], InferenceSettings]:
+    """Rebuild an ensemble (e.g. the folds of a cross-validation) from its checkpoints alone.
+
+    Args:
+        checkpoints: One or more ``.pt`` files written by ``liverseg train``.
+        device: Where to put the models (see :func:`liverseg.devices.resolve_device`).
+
+    Returns:
+        The models in eval mode, and the settings they share: what defines a model's input and
+        output (HU window, head, factor, spacing, patch size) is the same for all; how the
+        sliding window runs (:data:`~liverseg.inference.settings.RUN_FIELDS`) is the first
+        checkpoint's. With several checkpoints, ``provenance`` is ``{"ensemble": [the
+        provenance of each, in order]}``; with one, it is :func:`load_model`'s.
+
+    Raises:
+        CheckpointError: No checkpoint, one that :func:`load_model` refuses, or two that differ
+            in a setting that defines the input or output; the message names both files and
+            the key.
+    """
+    paths = [Path(c) for c in checkpoints]
+    if not paths:
+        raise CheckpointError("no checkpoint given; pass one or more .pt files")
+    models, all_settings = [], []
+    for path in paths:
+        model, settings = load_model(path, device)
+        differences = all_settings[0].model_differences(settings) if all_settings else []
+        if differences:
+            name, first, other = differences[0]
+            raise CheckpointError(
+                f"checkpoints {paths[0]} and {path} differ in {_SETTING_KEYS.get(name, name)} "
+                f"({first!r} and {other!r}): the models of an ensemble must see the same input "
+                "and give the same output; combine checkpoints trained with one configuration"
+            )
+        models.append(model)
+        all_settings.append(settings)
+    settings = all_settings[0]
+    for other in all_settings[1:]:
+        changed = [
+            f for f in RUN_FIELDS if f != "provenance" and getattr(other, f) != getattr(settings, f)
+        ]
+        if changed:
+            log.info(
+                "%s differs from %s in %s; using the first checkpoint's",
+                other.provenance["checkpoint"], paths[0], ", ".join(changed),
+            )  # fmt: skip
+    if len(paths) > 1:
+        settings = settings.replace(provenance={"ensemble": [s.provenance for s in all_settings]})
+    return models, settings

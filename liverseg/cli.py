@@ -49,7 +49,9 @@ def _add_phantoms_parser(sub) -> None:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from liverseg.data.cases import discover_cases
     from liverseg.data.checks import check_dataset
+    from liverseg.data.fingerprint import format_fingerprint, spacing_fingerprint
     from liverseg.data.problems import format_problems, has_errors
 
     problems = check_dataset(
@@ -57,7 +59,9 @@ def _check(args: argparse.Namespace) -> int:
         affine_tolerance_mm=args.affine_tolerance_mm,
         copy_label_geometry=args.copy_label_geometry,
     )
-    print(format_problems(problems))
+    cases, _ = discover_cases(args.data_dir)
+    print(format_fingerprint(spacing_fingerprint([case.image for case in cases])))
+    print(format_problems(problems))  # last: it ends with the count of errors and warnings
     return 1 if has_errors(problems) else 0
 
 
@@ -105,28 +109,74 @@ def _add_train_parser(sub) -> None:
     p.set_defaults(func=_train)
 
 
+def _cv(args: argparse.Namespace) -> int:
+    from liverseg.config import load_config
+    from liverseg.training.cv import cross_validate
+
+    result = cross_validate(load_config(args.config, tuple(args.overrides)))
+    print(result["table"])
+    print(f"wrote {result['summary']}")
+    return 0
+
+
+def _add_cv_parser(sub) -> None:
+    p = sub.add_parser(
+        "cv", help="k-fold cross-validation: train each fold in run.dir/fold_K, score every case"
+    )
+    p.add_argument("--config", type=Path, default=None)
+    p.add_argument("overrides", nargs="*", help="key.sub=value, e.g. data.folds=5")
+    p.set_defaults(func=_cv)
+
+
 def _predict(args: argparse.Namespace) -> int:
     from liverseg.inference.batch import predict_paths
 
+    checkpoints, inputs = _split_checkpoints(args.checkpoint)
+    inputs += args.inputs
+    if not inputs:
+        raise LiversegError(
+            "predict needs at least one input: a NIfTI file, a folder of them or a DICOM folder"
+        )
     check_writable_dir(args.out, "--out")
     failures = predict_paths(
-        args.checkpoint,
-        args.inputs,
+        checkpoints,
+        inputs,
         args.out,
         overwrite=args.overwrite,
         prepared=args.prepared,
         device=args.device,
         tta_flips=args.tta,
+        skip_air_windows=args.skip_air,
+        series_uid=args.series,
     )
     for path, message in failures:
         print(f"error: {path}: {message}", file=sys.stderr)
     return 1 if failures else 0
 
 
+def _split_checkpoints(values: list[Path]) -> tuple[list[Path], list[Path]]:
+    """``--checkpoint``'s values as ``(checkpoints, inputs)``.
+
+    argparse gives ``--checkpoint`` every value up to the next option, inputs included
+    (``--checkpoint best.pt ct.nii.gz``): the first value is a checkpoint, and so is each next
+    one while it ends in ``.pt``; the values from the first other one on are inputs.
+    """
+    count = 1
+    while count < len(values) and values[count].suffix == ".pt":
+        count += 1
+    return values[:count], values[count:]
+
+
 def _add_predict_parser(sub) -> None:
-    p = sub.add_parser("predict", help="segment CT volumes with a checkpoint")
-    p.add_argument("--checkpoint", type=Path, required=True)
-    p.add_argument("inputs", type=Path, nargs="+", help="NIfTI files or folders of them")
+    p = sub.add_parser("predict", help="segment CT volumes with a checkpoint or an ensemble")
+    p.add_argument(
+        "--checkpoint", type=Path, nargs="+", action="extend", required=True, metavar="CKPT",
+        help="a checkpoint, or several .pt files whose probabilities are averaged (an ensemble)",
+    )  # fmt: skip
+    p.add_argument(
+        "inputs", type=Path, nargs="*",
+        help="NIfTI files, folders of them, or DICOM folders (one series each: the CT series)",
+    )  # fmt: skip
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument(
@@ -136,6 +186,15 @@ def _add_predict_parser(sub) -> None:
     p.add_argument(
         "--tta", type=int, choices=TTA_FLIPS, default=None, metavar="FLIPS",
         help="mirrored passes averaged per window: 1, 2, 4 or 8 (default: the checkpoint's)",
+    )  # fmt: skip
+    p.add_argument(
+        "--skip-air", action=argparse.BooleanOptionalAction, default=None,
+        help="skip sliding windows of nothing but air (default: the checkpoint's, on)",
+    )  # fmt: skip
+    p.add_argument(
+        "--series", default=None, metavar="UID",
+        help="the SeriesInstanceUID to read from DICOM folders (default: the CT series with the "
+        "most slices)",
     )  # fmt: skip
     p.set_defaults(func=_predict)
 
@@ -194,6 +253,7 @@ _SUBCOMMAND_PARSERS = (
     _add_check_parser,
     _add_prepare_parser,
     _add_train_parser,
+    _add_cv_parser,
     _add_predict_parser,
     _add_evaluate_parser,
     _add_animate_parser,
@@ -215,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit code."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.INFO if args.verbose or args.command == "train" else logging.WARNING,
+        level=logging.INFO if args.verbose or args.command in ("train", "cv") else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:

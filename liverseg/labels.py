@@ -88,6 +88,21 @@ def to_probabilities(logits: torch.Tensor, head: str) -> torch.Tensor:
     return logits.softmax(dim=_channel_dim(logits))
 
 
+def background_probabilities(head: str) -> tuple[float, ...]:
+    """The probabilities, one per channel, of a voxel that is certainly background.
+
+    ``(0, 0)`` for ``"regions"`` (in neither region), ``(1, 0, 0)`` for ``"softmax"``; what
+    inference gives voxels that no model saw (air it did not run the model on).
+
+    Raises:
+        ValueError: For an unknown head.
+    """
+    _check_head(head)
+    if head == "regions":
+        return (0.0,) * len(REGIONS)
+    return tuple(float(c == BACKGROUND) for c in SOFTMAX_CLASSES)
+
+
 def to_labels(probabilities: torch.Tensor, head: str, threshold: float = 0.5) -> torch.Tensor:
     """Decode probabilities into a label map (the rule in this module's docstring).
 

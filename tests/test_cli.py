@@ -18,13 +18,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import write_tiny_checkpoint
 
 from liverseg.cli import main
+from liverseg.model import UNet3D
 from liverseg.phantoms import write_dataset
 
 torch.set_num_threads(1)
 
-SUBCOMMANDS = ["phantoms", "check", "prepare", "train", "predict", "evaluate", "animate"]
+SUBCOMMANDS = ["phantoms", "check", "prepare", "train", "cv", "predict", "evaluate", "animate"]
 SHAPE = (32, 32, 24)
 
 
@@ -172,6 +174,18 @@ def test_train_with_a_missing_config_file_is_a_user_error(tmp_path, capsys):
     assert_user_error(code, err, "absent.yaml")
 
 
+def test_cv_refuses_folds_that_no_longer_match_the_dataset(dataset, tmp_path, capsys):
+    root = copy_dataset(dataset, tmp_path)
+    stale = root / "splits_2fold_seed0.json"
+    stale.write_text(json.dumps([{"train": ["a"], "val": ["b"]}, {"train": ["b"], "val": ["a"]}]))
+    argv = ["cv", f"data.root={root}", f"run.dir={tmp_path / 'cv'}", "data.folds=2"]
+    code, _, err = run(capsys, *argv, "data.factor=1", "data.shape=[32, 32, 24]")
+    assert_user_error(code, err, str(stale), "no longer matches the dataset's cases", "delete it")
+    assert not (tmp_path / "cv" / "fold_0").exists()
+    code, _, err = run(capsys, *argv, "data.fold=2")
+    assert_user_error(code, err, "data.fold=2 must be < data.folds=2")
+
+
 def test_predict_writes_a_segmentation(dataset, checkpoint, tmp_path, capsys):
     ct = dataset / "imagesTs" / "liver_3.nii.gz"
     out = tmp_path / "out"
@@ -215,6 +229,47 @@ def test_predict_with_a_garbage_checkpoint_is_a_user_error(dataset, tmp_path, ca
     code, _, err = run(capsys, "predict", "--checkpoint", garbage, "--out", out, ct)
     assert_user_error(code, err, "garbage.pt")
     assert not (out / "liver_3_seg.nii.gz").exists()
+
+
+def test_predict_with_several_checkpoints_predicts_with_their_ensemble(
+    dataset, checkpoint, tmp_path, capsys
+):
+    torch.manual_seed(1)
+    other = write_tiny_checkpoint(tmp_path / "fold_1.pt", model=UNet3D(1, 2, features=(4, 8)))
+    ct = dataset / "imagesTs" / "liver_3.nii.gz"
+    out = tmp_path / "out"
+    # The inputs may follow the checkpoints: values after the .pt files are inputs.
+    argv = ["predict", "--device", "cpu", "--out", out, "--checkpoint", checkpoint, other, ct]
+    code, _, err = run(capsys, *argv)
+    assert code == 0, err
+    report = json.loads((out / "liver_3_report.json").read_text())
+    assert [m["checkpoint"] for m in report["model"]["ensemble"]] == [str(checkpoint), str(other)]
+
+
+def test_predict_refuses_checkpoints_that_disagree(dataset, checkpoint, tmp_path, capsys):
+    other = write_tiny_checkpoint(tmp_path / "fold_1.pt", factor=1)
+    ct = dataset / "imagesTs" / "liver_3.nii.gz"
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "predict", "--checkpoint", checkpoint, other, ct, "--out", out)
+    assert_user_error(code, err, str(checkpoint), str(other), "data.factor")
+    assert not (out / "liver_3_seg.nii.gz").exists()
+    code, _, err = run(capsys, "predict", "--checkpoint", checkpoint, other, "--out", out)
+    assert_user_error(code, err, "needs at least one input")
+
+
+@pytest.mark.parametrize("flag, expected", [([], None), (["--no-skip-air"], False)])
+def test_predict_skip_air_option_reaches_predict_paths(
+    flag, expected, checkpoint, tmp_path, monkeypatch
+):
+    import liverseg.inference.batch
+
+    seen = {}
+    monkeypatch.setattr(
+        liverseg.inference.batch, "predict_paths", lambda *a, **kw: seen.update(kw) or []
+    )
+    argv = ["predict", "--checkpoint", str(checkpoint), "ct.nii", "--out", str(tmp_path)]
+    assert main([*argv, *flag]) == 0
+    assert seen["skip_air_windows"] is expected
 
 
 def test_evaluate_perfect_predictions(dataset, tmp_path, capsys):

@@ -263,9 +263,11 @@ def test_a_checkpoints_config_is_checked_naming_the_checkpoint():
         from_dict(values, source="checkpoint run/last.pt")
 
 
-def test_demo_config_loads_with_bf16_for_training_and_inference():
+def test_demo_config_runs_fp32_on_a_cpu_at_one_physical_scale():
     config = load_config(REPO / "configs" / "demo.yaml")
-    assert config.train.amp == "bf16" and config.inference.amp == "bf16"
+    # auto: fp32 on CPU (bf16 is emulated, 45x slower, where the CPU lacks it), bf16 on CUDA.
+    assert config.train.amp == "auto" and config.inference.amp == "auto"
+    assert config.data.spacing_mm is not None and config.data.factor == 1
 
 
 def test_train_with_a_bad_choice_exits_2_and_creates_nothing(tmp_path, capsys):
@@ -379,3 +381,41 @@ def test_tta_flips_choices_are_checked_at_load():
     assert load_config(None, ("inference.tta_flips=8",)).inference.tta_flips == 8
     with pytest.raises(ConfigError, match=r"inference.tta_flips=3 is not one of 1, 2, 4, 8"):
         load_config(None, ("inference.tta_flips=3",))
+
+
+def test_folds_are_off_by_default_and_a_fold_of_k_loads():
+    assert Config().data.folds is None and Config().data.fold == 0
+    assert load_config(Path(__file__).parents[1] / "configs/demo.yaml").data.folds is None
+    config = load_config(None, ("data.folds=5", "data.fold=4"))
+    assert (config.data.folds, config.data.fold) == (5, 4)
+    # with folds, data.num_train no longer has to leave validation phantoms
+    config = load_config(None, ("data.folds=2", "phantoms.cases=8", "data.num_train=8"))
+    assert config.data.folds == 2
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (("data.folds=1",), "override data.folds=1: data.folds=1 must be >= 2"),
+        (("data.folds=5", "data.fold=-1"), "override data.fold=-1: data.fold=-1 must be >= 0"),
+        (
+            ("data.folds=5", "data.fold=5"),
+            "override data.fold=5 and override data.folds=5: data.fold=5 must be < data.folds=5 "
+            "(folds are numbered 0 to 4)",
+        ),
+        (("data.fold=2",), "override data.fold=2: data.fold=2 needs data.folds"),
+        (
+            ("data.folds=9", "phantoms.cases=8", "data.num_train=7"),
+            "data.folds=9 exceeds phantoms.cases=8: each fold needs a validation case; set "
+            "data.folds between 2 and 8",
+        ),
+        (
+            ("data.folds=5", "data.split_file=runs/a/split.json"),
+            "data.split_file='runs/a/split.json' and data.folds=5 are two different splits",
+        ),
+        (("data.folds=2.5",), "'data.folds' expects int"),
+    ],
+)
+def test_fold_settings_that_cannot_work_are_refused_at_load(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, overrides)

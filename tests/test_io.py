@@ -12,6 +12,7 @@ from liverseg.errors import DataError
 from liverseg.io import (
     atomic_path,
     check_data_size,
+    list_dicom,
     list_nifti,
     missing_file_reason,
     read_labels,
@@ -176,3 +177,27 @@ def test_nifti2_header_claiming_10_to_the_15_voxels_is_refused_without_allocatin
     path.write_bytes(block + b"\0" * (544 - len(block)) + b"\0" * 100)
     with pytest.raises(DataError, match=r"huge\.nii: the header claims 100000 x 100000 x 100000"):
         read_volume(path)
+
+
+# --------------------------------------------------------------------------- DICOM folders
+
+
+def test_dicom_files_are_told_by_their_preamble_not_their_name(tmp_path):
+    (tmp_path / "IM0001").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 16)
+    (tmp_path / "notes.dcm").write_bytes(b"not DICOM" * 30)
+    (tmp_path / "._IM0001").write_bytes(b"\0" * 128 + b"DICM")
+    assert list_dicom(tmp_path) == [tmp_path / "IM0001"]
+
+
+def test_folder_without_dicom_files_is_refused(tmp_path):
+    (tmp_path / "x.txt").write_text("x")
+    with pytest.raises(DataError, match="folder without DICOM files"):
+        read_volume(tmp_path)
+
+
+def test_missing_pydicom_asks_for_the_extra(tmp_path, monkeypatch):
+    (tmp_path / "slice").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 16)
+    monkeypatch.setitem(sys.modules, "pydicom", None)
+    monkeypatch.delitem(sys.modules, "liverseg.io.dicom", raising=False)
+    with pytest.raises(DataError, match=r"needs pydicom 3 \(.*\): pip install 'liverseg\[dicom\]'"):
+        read_volume(tmp_path)

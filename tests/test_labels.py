@@ -10,6 +10,7 @@ import torch
 
 from liverseg.constants import BACKGROUND, LIVER, LOSSES, TUMOR
 from liverseg.labels import (
+    background_probabilities,
     head_for_loss,
     invalid_label_values,
     out_channels,
@@ -22,6 +23,14 @@ def test_head_and_channels_of_each_loss():
     assert [head_for_loss(name) for name in LOSSES] == ["regions", "regions", "softmax", "softmax"]
     assert out_channels("regions") == 2
     assert out_channels("softmax") == 3
+
+
+@pytest.mark.parametrize("head", ["regions", "softmax"])
+def test_background_probabilities_decode_to_background(head):
+    values = background_probabilities(head)
+    assert len(values) == out_channels(head)
+    probabilities = torch.tensor(values).view(-1, 1, 1, 1).expand(-1, 2, 2, 2)
+    assert (to_labels(probabilities, head) == BACKGROUND).all()
 
 
 def test_unknown_loss_lists_the_choices():

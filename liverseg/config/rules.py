@@ -66,6 +66,8 @@ _SEED = Bounds(0, 2**32 - 1)
 # Numeric keys whose values are limited; a value outside is refused when the config loads.
 RANGES: dict[str, Bounds] = {
     "data.num_train": Bounds(1),
+    "data.folds": Bounds(2),
+    "data.fold": _NON_NEGATIVE,
     "data.factor": Bounds(1),
     "data.shape": Bounds(1),
     "data.patch_size": Bounds(1),
@@ -143,6 +145,8 @@ def _choice_problems(config: Config) -> Iterator[_Problem]:
 def _range_problems(config: Config) -> Iterator[_Problem]:
     for key, bounds in RANGES.items():
         value = get_value(config, key)
+        if value is None:  # an optional key left unset (data.folds: no cross-validation)
+            continue
         if isinstance(value, tuple):
             if not all(v in bounds for v in value):
                 yield (key,), f"{_show(config, key)}: each value must be {bounds}"
@@ -195,7 +199,12 @@ def _sampling_problems(config: Config) -> Iterator[_Problem]:
             f"{list(LABEL_VALUES)}, values >= 0 and not all 0",
         )
     cases = config.phantoms.cases
-    if cases > 0 and config.data.split_file is None and not config.data.num_train < cases:
+    if (
+        cases > 0
+        and config.data.split_file is None
+        and config.data.folds is None
+        and not config.data.num_train < cases
+    ):
         yield (
             ("data.num_train", "phantoms.cases"),
             f"{_show(config, 'data.num_train')} leaves no validation case of "
@@ -203,11 +212,60 @@ def _sampling_problems(config: Config) -> Iterator[_Problem]:
         )
 
 
+def _fold_problems(config: Config) -> Iterator[_Problem]:
+    """A fold that exists, k folds that each get a validation case, and one way to split."""
+    folds, fold = config.data.folds, config.data.fold
+    if folds is None:
+        if fold != 0:
+            yield (
+                ("data.fold", "data.folds"),
+                f"{_show(config, 'data.fold')} needs data.folds (k-fold cross-validation); set "
+                "data.folds=K, or leave data.fold out for the data.num_train split",
+            )
+        return
+    if folds >= 2 and fold >= folds:
+        yield (
+            ("data.fold", "data.folds"),
+            f"{_show(config, 'data.fold')} must be < {_show(config, 'data.folds')} "
+            f"(folds are numbered 0 to {folds - 1})",
+        )
+    cases = config.phantoms.cases
+    if cases > 0 and folds > cases:
+        yield (
+            ("data.folds", "phantoms.cases"),
+            f"{_show(config, 'data.folds')} exceeds phantoms.cases={cases}: each fold needs a "
+            f"validation case; set data.folds between 2 and {cases}",
+        )
+    if config.data.split_file is not None:
+        yield (
+            ("data.split_file", "data.folds"),
+            f"{_show(config, 'data.split_file')} and {_show(config, 'data.folds')} are two "
+            "different splits; set data.split_file=null for the folds, or data.folds=null",
+        )
+
+
+def _spacing_problems(config: Config) -> Iterator[_Problem]:
+    """A target spacing of three positive finite mm, and not together with a reduction factor."""
+    spacing = config.data.spacing_mm
+    if spacing is None:
+        return
+    if not all(math.isfinite(v) and v > 0 for v in spacing):
+        yield ("data.spacing_mm",), f"{_show(config, 'data.spacing_mm')}: each value must be > 0 mm"
+    if config.data.factor != 1:
+        yield (
+            ("data.spacing_mm", "data.factor"),
+            f"{_show(config, 'data.spacing_mm')} replaces the reduction factor: set data.factor=1 "
+            f"(found {_show(config, 'data.factor')})",
+        )
+
+
 def _agreement_problems(config: Config) -> Iterator[_Problem]:
     """Keys that are valid alone but not together."""
     yield from _hu_window_problems(config)
+    yield from _spacing_problems(config)
     yield from _level_problems(config)
     yield from _sampling_problems(config)
+    yield from _fold_problems(config)
 
 
 def check_config(config: Config, source: str | Callable[[str], str] = "config") -> None:

@@ -26,9 +26,18 @@ class DataConfig:
     num_train: int = 105
     split_file: str | None = None
     split_seed: int = 0
+    # k-fold cross-validation (nnU-Net): null keeps the num_train split; K splits the cases into
+    # K folds, drawn once from split_seed into <root>/splits_<K>fold_seed<S>.json, and trains
+    # fold `fold` (0 to K-1; `liverseg cv` trains them all).
+    folds: int | None = None
+    fold: int = 0
     # How much the volumes under `root` were reduced by `liverseg prepare` (1: originals).
     # Inference on an original-resolution volume predicts at 1/factor and resamples back.
     factor: int = 2
+    # A target spacing in mm (x, y, z in RAS order): every training case is resampled to it in
+    # the cache, every scan to predict before the sliding window (nnU-Net's one physical scale).
+    # null keeps the data's own spacing (and `factor`); set it with factor 1.
+    spacing_mm: tuple[float, float, float] | None = None
     shape: tuple[int, int, int] = (256, 256, 200)
     # Fixed HU window mapped linearly to (-1, 1); values outside are clipped.
     hu_min: float = -150.0
@@ -101,6 +110,8 @@ class InferenceConfig:
     min_tumor_mm3: float = 10.0
     # Test-time mirroring: 1 (none), 2, 4 or 8 flipped passes averaged (liverseg.constants).
     tta_flips: int = 1
+    # Windows of nothing but air (HU <= data.hu_min) are not run; their voxels are background.
+    skip_air_windows: bool = True
 
 
 @dataclass(frozen=True)

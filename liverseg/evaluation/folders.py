@@ -12,7 +12,8 @@ from __future__ import annotations
 import csv
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,30 @@ METRIC_COLUMNS = (
 DETECTION_COLUMNS = ("true_lesions", "found", "pred_lesions", "true_positive")
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """What ``liverseg evaluate`` computes over a set of cases.
+
+    Attributes:
+        rows: Per case, in order: ``case_id``, :data:`METRIC_COLUMNS`, :data:`DETECTION_COLUMNS`.
+        detections: Per case, its :func:`~liverseg.evaluation.lesions.lesion_detection` result.
+        means: :data:`METRIC_COLUMNS` averaged over the cases that define them (detection
+            columns ``""``: detection is pooled, never averaged).
+        global_dice: Dice class -> Dice pooled over all voxels of all cases (LiTS's global Dice).
+        detection: Lesion detection pooled over all lesions of all cases.
+    """
+
+    rows: list[dict]
+    detections: list[dict]
+    means: dict
+    global_dice: dict[str, float]
+    detection: dict
+
+    def table(self) -> str:
+        """The printable table ``liverseg evaluate`` shows."""
+        return _format_table(self.rows, self.means, self.global_dice, self.detection)
+
+
 def evaluate_folders(
     pred_dir: str | Path,
     gt_dir: str | Path,
@@ -75,7 +100,32 @@ def evaluate_folders(
         UnwritableError: ``out_csv`` could not be written (disk full, read-only); the
             computed table is its ``result``, so nothing is lost.
     """
-    pairs = pair_cases(pred_dir, gt_dir, cases)
+    evaluation = evaluate_pairs(pair_cases(pred_dir, gt_dir, cases), min_lesion_mm3)
+    table = evaluation.table()
+    if out_csv is not None:
+        try:
+            _write_csv(out_csv, evaluation.rows, {"case_id": "mean", **evaluation.means})
+        except OSError as exc:  # the metrics are computed: hand them back with the error
+            raise unwritable(out_csv, exc, "metrics CSV", result=table) from None
+    return table
+
+
+def evaluate_pairs(
+    pairs: Mapping[str, tuple[Path, Path]], min_lesion_mm3: float = 0.0
+) -> Evaluation:
+    """The metrics of ``liverseg evaluate`` over given (prediction, truth) pairs.
+
+    Args:
+        pairs: Case id -> (prediction path, truth path), in the order of the rows, e.g. from
+            :func:`pair_cases` (or several of its results joined, one per folder).
+        min_lesion_mm3: Tumor components below this volume are not lesions for detection.
+
+    Returns:
+        Per-case rows, means, global Dice and pooled lesion detection.
+
+    Raises:
+        DataError: Shapes differ, or a file holds values other than the labels.
+    """
     rows, detections = [], []
     pooled = {name: [0, 0] for name in DICE_CLASSES}  # intersection, |A| + |B|
     for case_id, (pred_path, truth_path) in pairs.items():
@@ -89,14 +139,7 @@ def evaluate_folders(
     global_dice = {
         name: 2 * inter / total if total else math.nan for name, (inter, total) in pooled.items()
     }
-    detection = pool_detection(detections)
-    table = _format_table(rows, means, global_dice, detection)
-    if out_csv is not None:
-        try:
-            _write_csv(out_csv, rows, {"case_id": "mean", **means})
-        except OSError as exc:  # the metrics are computed: hand them back with the error
-            raise unwritable(out_csv, exc, "metrics CSV", result=table) from None
-    return table
+    return Evaluation(rows, detections, means, global_dice, pool_detection(detections))
 
 
 def pair_cases(

@@ -2,7 +2,9 @@
 
 For each input case ``<id>`` the output folder receives ``<id>_seg.nii.gz`` (uint8 labels in the
 input's shape and affine), ``<id>_report.json`` (:func:`liverseg.evaluation.report.case_report`,
-with the input's HU) and a row of ``summary.csv``. Everything is written to a temporary name
+with the input's HU and the checkpoints that made it) and a row of ``summary.csv``. Several
+checkpoints make an ensemble whose probabilities are averaged
+(:func:`liverseg.checkpoints.load_models`). Everything is written to a temporary name
 first, then renamed. One bad input is reported and skipped; the others are still processed.
 
 The inputs get the data doctor's CT value checks (:mod:`liverseg.data.intensities`): NaN/Inf or
@@ -10,6 +12,11 @@ int8 voxels fail that input (``status`` ``failed: ...``, exit 1); implausible HU
 volume, no air, no tissue: MR or normalised data) are predicted but warned, first in the
 report's ``warnings`` and in the ``warnings`` column of ``summary.csv`` (all the report's
 warnings, joined by ``" | "``; ``status`` stays ``ok``, so it keeps one meaning per value).
+
+A DICOM folder (:mod:`liverseg.io.dicom`) is one case named after the folder, never after its
+``PatientID`` or ``SeriesDescription``: output names and ``summary.csv`` then carry no patient
+identifier, and two series of one patient do not collide. Its outputs are NIfTI in the geometry
+of the series read.
 
 Inputs in the ``imagesTr``/``imagesTs`` folder of a root holding ``prepare.json`` were written by
 ``liverseg prepare`` and are already reduced: they are predicted at their own resolution
@@ -29,20 +36,29 @@ from pathlib import Path
 import nibabel as nib
 import torch
 
-from liverseg.checkpoints import load_model
+from liverseg.checkpoints import load_models
 from liverseg.data.prepare import RECORD_NAME, load_prepare_record
 from liverseg.evaluation.report import case_report
 from liverseg.inference.settings import InferenceSettings
 from liverseg.inference.volume import predict_volume
-from liverseg.io import atomic_path, case_id_of, list_nifti, natural_key, read_volume, save_nifti
+from liverseg.io import (
+    atomic_path,
+    case_id_of,
+    list_dicom,
+    list_nifti,
+    natural_key,
+    read_volume,
+    save_nifti,
+)
 
 log = logging.getLogger(__name__)
 
 # Folders of a Task03 root searched for inputs, in order.
 TASK03_IMAGE_FOLDERS = ("imagesTs", "imagesTr")
 SUMMARY_NAME = "summary.csv"
-# ``warnings``: the report's warnings joined by " | " (empty when there are none); last, so the
-# columns before it keep their places and a long warning does not push them apart.
+# ``checkpoints``: the checkpoint files that made the row, joined by " | " (several: an
+# ensemble). ``warnings``: the report's warnings joined by " | " (empty when there are none);
+# last, so the columns before it keep their places and a long warning does not push them apart.
 SUMMARY_COLUMNS = (
     "case_id",
     "liver_ml",
@@ -51,6 +67,7 @@ SUMMARY_COLUMNS = (
     "seconds",
     "status",
     "input",
+    "checkpoints",
     "warnings",
 )
 WARNING_SEPARATOR = " | "
@@ -70,13 +87,16 @@ def safe_name(case_id: str) -> str:
 
 
 def collect_inputs(inputs: Iterable[str | Path]) -> tuple[list[Path], list[Failure]]:
-    """The NIfTI files named by ``inputs``.
+    """The NIfTI files and DICOM series folders named by ``inputs``.
 
     A file is taken as is. A folder gives its ``.nii``/``.nii.gz`` files (names starting with
-    ``"."`` ignored); a Task03 root gives those of its ``imagesTs``, else its ``imagesTr``.
+    ``"."`` ignored); a Task03 root gives those of its ``imagesTs``, else its ``imagesTr``. A
+    folder without NIfTI files that holds DICOM files (``DICM`` at byte 128, any file name) is
+    one input: its CT series (:func:`liverseg.io.dicom.read_dicom_series`), named by the folder.
 
     Returns:
-        ``(files, failures)``: failures name inputs that do not exist or hold no NIfTI file.
+        ``(inputs, failures)``: failures name inputs that do not exist or hold no NIfTI or
+        DICOM file.
     """
     files: list[Path] = []
     failures: list[Failure] = []
@@ -86,7 +106,7 @@ def collect_inputs(inputs: Iterable[str | Path]) -> tuple[list[Path], list[Failu
             files.append(path)
             continue
         if not path.is_dir():
-            failures.append((path, "not found; expected a .nii/.nii.gz file or a folder of them"))
+            failures.append((path, "not found; expected a .nii/.nii.gz file or a folder"))
             continue
         folder = next(
             (
@@ -97,14 +117,18 @@ def collect_inputs(inputs: Iterable[str | Path]) -> tuple[list[Path], list[Failu
             path,
         )
         found = list_nifti(folder)
+        if not found and list_dicom(path, first_only=True):
+            found = [path]
         if not found:
-            failures.append((path, "folder holds no .nii/.nii.gz file (nor imagesTs/, imagesTr/)"))
+            failures.append(
+                (path, "folder holds no .nii/.nii.gz or DICOM file (nor imagesTs/, imagesTr/)")
+            )
         files.extend(found)
     return files, failures
 
 
 def predict_paths(
-    checkpoint: str | Path,
+    checkpoint: str | Path | Sequence[str | Path],
     inputs: Sequence[str | Path],
     out_dir: str | Path,
     *,
@@ -112,12 +136,17 @@ def predict_paths(
     prepared: bool = False,
     device: str | torch.device = "auto",
     tta_flips: int | None = None,
+    skip_air_windows: bool | None = None,
+    series_uid: str | None = None,
 ) -> list[Failure]:
     """Segment every input and write segmentations, reports and ``summary.csv`` to ``out_dir``.
 
     Args:
-        checkpoint: A checkpoint of ``liverseg train``; model and preprocessing come from it.
-        inputs: NIfTI CT files (HU), folders of them, or Task03 roots (see :func:`collect_inputs`).
+        checkpoint: A checkpoint of ``liverseg train``, or several (an ensemble, e.g. the folds
+            of a cross-validation: their probabilities are averaged per window); models and
+            preprocessing come from them, the sliding window's settings from the first.
+        inputs: NIfTI CT files (HU), folders of them, Task03 roots, or DICOM series folders
+            (see :func:`collect_inputs`).
         out_dir: Output folder (created). Temp files that a killed run left there more than an
             hour ago are removed.
         overwrite: Replace a case's existing outputs; otherwise that case is a failure.
@@ -128,20 +157,29 @@ def predict_paths(
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ...
         tta_flips: Test-time mirroring passes (1, 2, 4 or 8); None: the checkpoint's
             ``inference.tta_flips``.
+        skip_air_windows: Whether windows of nothing but air are skipped; None: the
+            checkpoint's ``inference.skip_air_windows``.
+        series_uid: The ``SeriesInstanceUID`` read from each DICOM folder (a folder without
+            it fails); None: each folder's CT series with the most slices.
 
     Returns:
         ``(input path, message)`` per input that failed; empty when all succeeded.
 
     Raises:
-        CheckpointError: The checkpoint cannot be used (nothing is predicted).
+        CheckpointError: A checkpoint cannot be used, or the checkpoints of an ensemble
+            disagree on their input or output (nothing is predicted).
     """
     from tqdm import tqdm
 
     from liverseg.io import SHARED_TEMP_MIN_AGE_S, remove_stale_temp_files
 
-    model, settings = load_model(checkpoint, device)
+    checkpoints = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
+    models, settings = load_models(checkpoints, device)
     if tta_flips is not None:
         settings = settings.replace(tta_flips=tta_flips)
+    if skip_air_windows is not None:
+        settings = settings.replace(skip_air_windows=skip_air_windows)
+    used = WARNING_SEPARATOR.join(str(c) for c in checkpoints)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # Temp files of a killed earlier run; another predict may be writing to the same folder now.
@@ -166,14 +204,19 @@ def predict_paths(
             continue
         start = time.perf_counter()
         try:
-            reduced = prepared or _already_reduced(path, settings.factor)
-            report = predict_case(model, path, name, outputs, settings, prepared=reduced)
+            # A target-spacing model resamples every input (a no-op for one already at it).
+            reduced = prepared or (
+                settings.spacing_mm is None and _already_reduced(path, settings.factor)
+            )
+            report = predict_case(
+                models, path, name, outputs, settings, prepared=reduced, series_uid=series_uid
+            )
         except Exception as exc:  # one bad case must not stop the others
             log.debug("prediction of %s failed", path, exc_info=True)
             message = str(exc).splitlines()[0] if str(exc) else ""
             message = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
             failures.append((path, message))
-            rows[name] = _row(name, path, status=f"failed: {message}")
+            rows[name] = _row(name, path, status=f"failed: {message}", checkpoints=used)
         else:
             rows[name] = _row(
                 name,
@@ -183,6 +226,7 @@ def predict_paths(
                 lesions=report["lesion_count"],
                 seconds=f"{time.perf_counter() - start:.2f}",
                 status="ok",
+                checkpoints=used,
                 warnings=WARNING_SEPARATOR.join(report["warnings"]),
             )
         _write_summary(summary_path, rows)
@@ -231,29 +275,33 @@ def _already_reduced(path: Path, checkpoint_factor: int) -> bool:
 
 
 def predict_case(
-    model: torch.nn.Module,
+    model: torch.nn.Module | Sequence[torch.nn.Module],
     path: Path,
     case_id: str,
     outputs: tuple[Path, Path],
     settings: InferenceSettings,
     prepared: bool = False,
+    series_uid: str | None = None,
 ) -> dict:
-    """Predict one CT file and write its segmentation and report; return the report.
+    """Predict one CT file or DICOM folder and write its segmentation and report; return it.
 
     Args:
-        model: The network, on its device.
-        path: The CT (HU).
+        model: The network, on its device, or the networks of an ensemble.
+        path: The CT (HU): a NIfTI file or a DICOM series folder.
         case_id: Name used in the report.
         outputs: ``(segmentation path, report path)``.
         settings: How to predict; ``settings.min_lesion_mm3`` is the smallest lesion the report
-            counts and ``settings.provenance`` (which checkpoint) is stored as its ``model``.
+            counts and ``settings.provenance`` (which checkpoint or checkpoints) is stored as
+            its ``model``.
         prepared: ``path`` was already reduced by ``liverseg prepare``.
+        series_uid: For a DICOM folder, the series to read (None: the CT series with the most
+            slices).
 
     Raises:
         DataError: ``path`` cannot be read or segmented (NaN/Inf or int8 voxels); implausible
             HU (a constant volume, no air or no tissue) go into the report's ``warnings``.
     """
-    hu, affine = read_volume(path)
+    hu, affine = read_volume(path, series_uid=series_uid)
     image = nib.Nifti1Image(hu, affine)
     image.set_filename(str(path))  # only so that predict_volume's log lines name the file
     prediction = predict_volume(model, image, settings, prepared=prepared, progress=True)

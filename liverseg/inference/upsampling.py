@@ -1,46 +1,55 @@
-"""Probabilities predicted on a reduced grid, brought back to the input grid and decoded to labels.
+"""Probabilities predicted on another grid, brought back to the input grid and decoded to labels.
 
-The inverse of :func:`liverseg.data.downsampling.downsample_image` for the model's output: linear
-interpolation between the centres of the reduced voxels (its block-centre grid), slab by slab, so
-the float32 full-resolution probabilities never exist for more than a few slices at a time.
+The inverse, for the model's output, of :func:`liverseg.data.downsampling.downsample_image` (an
+integer reduction: :func:`block_centres`) and of :func:`liverseg.resampling.resample_image` (a
+target spacing: :func:`liverseg.resampling.grid_centres`): linear interpolation between the
+centres of the predicted grid's voxels, slab by slab, so the float32 full-resolution
+probabilities never exist for more than a few slices at a time.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from liverseg.labels import to_labels
 
-# Output slices interpolated and decoded at a time after a reduction (factor > 1): bounds the
+# Output slices interpolated and decoded at a time on another grid: bounds the
 # float32 memory of the full-resolution probabilities to a few slices.
 _SLAB = 16
 
 
 def upsample_and_decode(
-    probabilities: torch.Tensor, shape: tuple, factor: int, head: str, keep: bool
+    probabilities: torch.Tensor,
+    shape: tuple,
+    head: str,
+    keep: bool,
+    centres: Sequence[np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Labels (and optionally probabilities) on the input grid from reduced probabilities.
+    """Labels (and optionally probabilities) on the input grid from probabilities on another.
 
     Args:
-        probabilities: float32 ``(C, w, h, d)`` on the grid reduced by ``factor``, in the input's
-            stored orientation.
+        probabilities: float32 ``(C, w, h, d)`` on the predicted grid, in the input's stored
+            orientation.
         shape: The input's ``(W, H, D)`` in voxels.
-        factor: The integer reduction of the input (1: none, the probabilities are decoded as they
-            are).
         head: ``"regions"`` or ``"softmax"`` (see :mod:`liverseg.labels`).
         keep: Also return the probabilities on the input grid.
+        centres: Per axis, the input index coordinates of the predicted grid's voxel centres
+            (increasing; :func:`block_centres` or :func:`liverseg.resampling.grid_centres`).
+            None: the probabilities are on the input grid already and are decoded as they are.
 
     Returns:
         ``(labels, full)``: uint8 labels of ``shape``, and float32 ``(C, W, H, D)`` probabilities
         when ``keep``, else None.
     """
-    if factor == 1:
+    if centres is None:
         labels = to_labels(probabilities, head).numpy()
         return labels, probabilities.numpy() if keep else None
     labels = np.empty(shape, dtype=np.uint8)
     full = np.empty((probabilities.shape[0], *shape), dtype=np.float32) if keep else None
-    along = [_linear_weights(n, factor) for n in shape]
+    along = [_linear_weights(n, c) for n, c in zip(shape, centres)]
     for z0 in range(0, shape[2], _SLAB):
         z1 = min(z0 + _SLAB, shape[2])
         slab_weights = tuple(t[z0:z1] for t in along[2])
@@ -52,14 +61,20 @@ def upsample_and_decode(
     return labels, full
 
 
-def _linear_weights(n: int, factor: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per input voxel along one axis: reduced neighbours (i0, i1) and weight of i1.
+def block_centres(n: int, factor: int) -> np.ndarray:
+    """Centres of an axis of ``n`` reduced by an integer ``factor``, in input index coordinates.
 
-    Reduced voxel ``i`` has its centre at input coordinate ``min(i*factor + (factor-1)/2, n-1)``
-    (:mod:`liverseg.data.downsampling`'s block-centre grid); outside the first/last centre the
-    value is held.
+    Reduced voxel ``i`` has its centre at ``min(i*factor + (factor-1)/2, n-1)``
+    (:mod:`liverseg.data.downsampling`'s block-centre grid).
     """
-    centres = np.minimum(np.arange(-(-n // factor)) * factor + (factor - 1) / 2, n - 1)
+    return np.minimum(np.arange(-(-n // factor)) * factor + (factor - 1) / 2, n - 1)
+
+
+def _linear_weights(n: int, centres: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per input voxel along one axis: predicted-grid neighbours (i0, i1) and weight of i1.
+
+    Outside the first/last centre the value is held.
+    """
     x = np.arange(n, dtype=np.float64)
     i0 = np.clip(np.searchsorted(centres, x, side="right") - 1, 0, len(centres) - 1)
     i1 = np.minimum(i0 + 1, len(centres) - 1)

@@ -1,8 +1,10 @@
-"""Files: the one reader and writer of volumes, the one NIfTI lister, safe writes.
+"""Files: the one volume reader and writer, the one lister (NIfTI, DICOM folders), safe writes.
 
 - :mod:`~liverseg.io.volumes`: ``read_volume`` / ``read_labels`` / ``read_stored`` / ``save_nifti``
 - :mod:`~liverseg.io.integrity`: the header's data size against the file, missing files explained
-- :mod:`~liverseg.io.listing`: ``list_nifti``, case ids, natural sort
+- :mod:`~liverseg.io.listing`: ``list_nifti``, ``list_dicom``, case ids, natural sort
+- :mod:`~liverseg.io.dicom`: ``read_dicom_series`` (needs pydicom: imported only when used),
+  :mod:`~liverseg.io.dicom_geometry`: a series' slice order and affine
 - :mod:`~liverseg.io.files`: ``atomic_path``, the temporary names it uses, stale temp files
 """
 
@@ -20,7 +22,14 @@ from liverseg.io.integrity import (
     data_size_problem,
     missing_file_reason,
 )
-from liverseg.io.listing import NIFTI_SUFFIXES, case_id_of, list_nifti, natural_key
+from liverseg.io.listing import (
+    NIFTI_SUFFIXES,
+    case_id_of,
+    is_dicom_file,
+    list_dicom,
+    list_nifti,
+    natural_key,
+)
 from liverseg.io.volumes import (
     Source,
     read_labels,
@@ -41,6 +50,8 @@ __all__ = [
     "check_data_size",
     "data_size_problem",
     "fingerprint",
+    "is_dicom_file",
+    "list_dicom",
     "list_nifti",
     "missing_file_reason",
     "natural_key",

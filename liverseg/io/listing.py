@@ -1,8 +1,9 @@
-"""The one NIfTI lister and case ids: which files of a folder are volumes, in what order."""
+"""The one lister and case ids: which files of a folder are volumes (NIfTI, DICOM), in order."""
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -11,11 +12,15 @@ from liverseg.constants import HIDDEN_PREFIX
 log = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+# A DICOM file (PS3.10) has a 128-byte preamble, then these 4 bytes; extensions mean nothing.
+DICOM_MAGIC_OFFSET = 128
+DICOM_MAGIC = b"DICM"
 
 
 def case_id_of(path: str | Path) -> str:
-    """The case id of a NIfTI path: its name without ``.nii.gz`` / ``.nii``."""
-    name = Path(path).name
+    """The case id of a NIfTI path (its name without ``.nii.gz`` / ``.nii``) or of a DICOM folder
+    (its name; ``.`` is named after the folder it stands for)."""
+    name = Path(os.path.abspath(path)).name
     for suffix in NIFTI_SUFFIXES:
         if name.endswith(suffix):
             return name[: -len(suffix)]
@@ -58,3 +63,35 @@ def list_nifti(folder: str | Path, suffixes: tuple[str, ...] = NIFTI_SUFFIXES) -
     if hidden:
         log.info("%s: ignored %d hidden files (macOS ._ AppleDouble or dot files)", folder, hidden)
     return sorted(files, key=lambda p: natural_key(p.name))
+
+
+def is_dicom_file(path: str | Path) -> bool:
+    """Whether ``path`` is a DICOM file: ``DICM`` at byte 128, whatever its name."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(DICOM_MAGIC_OFFSET)
+            return f.read(len(DICOM_MAGIC)) == DICOM_MAGIC
+    except OSError:
+        return False
+
+
+def list_dicom(folder: str | Path, first_only: bool = False) -> list[Path]:
+    """The DICOM files of a folder (any name; hidden names and sub-folders are not looked at).
+
+    Args:
+        folder: The folder; a missing one has no files.
+        first_only: Stop at the first DICOM file found (enough to tell a DICOM folder).
+
+    Returns:
+        The files, sorted by name with digit runs by value (slice order comes from their headers).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    files = []
+    for path in sorted(folder.iterdir(), key=lambda p: natural_key(p.name)):
+        if not path.name.startswith(HIDDEN_PREFIX) and path.is_file() and is_dicom_file(path):
+            files.append(path)
+            if first_only:
+                break
+    return files

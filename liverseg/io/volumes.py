@@ -15,6 +15,7 @@ from liverseg.constants import LABEL_VALUES
 from liverseg.errors import DataError
 from liverseg.io.files import atomic_path
 from liverseg.io.integrity import check_data_size, missing_file_reason
+from liverseg.io.listing import list_dicom
 from liverseg.labels import invalid_label_values
 
 log = logging.getLogger(__name__)
@@ -56,13 +57,19 @@ def stored_voxels(image: nib.spatialimages.SpatialImage) -> np.ndarray:
     return data
 
 
-def read_volume(source: Source, role: str = "CT volume") -> tuple[np.ndarray, np.ndarray]:
+def read_volume(
+    source: Source, role: str = "CT volume", *, series_uid: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """The voxels and affine of a volume, at its stored dtype and orientation.
 
     Args:
-        source: A NIfTI path, a nibabel image, or a torchio image (anything with ``data`` of
-            shape ``(1, W, H, D)`` and ``affine``).
+        source: A NIfTI path, a folder of DICOM files (its CT series:
+            :func:`liverseg.io.dicom.read_dicom_series`, needs ``liverseg[dicom]``), a nibabel
+            image, or a torchio image (anything with ``data`` of shape ``(1, W, H, D)`` and
+            ``affine``).
         role: What the volume is, for messages (``"CT volume"``, ``"label map"``).
+        series_uid: For a DICOM folder, the ``SeriesInstanceUID`` to read (default: the CT
+            series with the most slices); ignored for other sources.
 
     Returns:
         ``(data, affine)``: ``data`` of shape ``(W, H, D)`` (int16 stays int16; scaled or float
@@ -71,8 +78,12 @@ def read_volume(source: Source, role: str = "CT volume") -> tuple[np.ndarray, np
     Raises:
         DataError: Missing or unreadable file (a broken symlink says so), data shorter than its
             header claims (:func:`check_data_size`), not 3D, or a singular affine; names the file.
+            A DICOM folder: pydicom absent, or a series refused by
+            :func:`~liverseg.io.dicom.read_dicom_series`.
     """
     name = source_name(source)
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
+        return _read_dicom_folder(Path(source), role, series_uid)
     try:
         if isinstance(source, (str, os.PathLike)):
             path = Path(source)
@@ -99,6 +110,25 @@ def read_volume(source: Source, role: str = "CT volume") -> tuple[np.ndarray, np
     if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise DataError(f"{name}: the affine is singular or not finite:\n{affine}")
     return data, affine
+
+
+def _read_dicom_folder(
+    folder: Path, role: str, series_uid: str | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """A folder given as a volume: its DICOM CT series, pydicom imported only now."""
+    if not list_dicom(folder, first_only=True):
+        raise DataError(
+            f"{folder}: is a folder without DICOM files; expected a .nii or .nii.gz {role} or a "
+            "folder holding a DICOM series"
+        )
+    try:
+        from liverseg.io.dicom import read_dicom_series
+    except ImportError as exc:
+        raise DataError(
+            f"{folder}: holds DICOM files, and reading them needs pydicom 3 ({exc}): "
+            "pip install 'liverseg[dicom]'"
+        ) from None
+    return read_dicom_series(folder, series_uid)
 
 
 def read_labels(source: Source) -> tuple[np.ndarray, np.ndarray]:

@@ -10,8 +10,8 @@ stored LPS instead of RAS.
 
 Layout of this package: here the public API, the scanner model and the Task03 writer; ``grid``
 (sampling grid, tissue ids, smooth random fields), ``anatomy`` (the random draw of one anatomy),
-``painters`` (each organ paints HU and a tissue id into the case's arrays, later painters win) and
-``tumors``.
+``painters`` (each organ paints HU and a tissue id into the case's arrays, later painters win),
+``tumors`` and ``statistics`` (each lesion's HU against its liver, as measured on the image).
 """
 
 from __future__ import annotations

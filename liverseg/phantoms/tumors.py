@@ -14,16 +14,35 @@ TUMOR_RADIUS_MM = (2.0, 30.0)
 # The first lesion of a tumor case is at least this big, so every tumor case shows one (Task03's
 # tumor cases all have labeled tumor); the others follow the full log-uniform range.
 FIRST_TUMOR_MIN_MM = 8.0
-_KINDS = ("hypodense", "subtle", "hyperdense", "rim")
-_KIND_P = (0.6, 0.15, 0.1, 0.15)
+# Kind -> (share of lesions, core contrast to the liver in HU, drawn uniformly). Calibrated on
+# portal-venous CT, where most tumors are 20-60 HU darker than the liver (one LiTS case: liver
+# 118 +- 22 HU, tumor 70 +- 23 HU) and hyperdense ones are few; measured by
+# ``liverseg.phantoms.statistics`` (``python benchmarks/phantoms.py --lesions``).
+KINDS = {
+    "hypodense": (0.75, (-70.0, -25.0)),
+    "subtle": (0.14, (-24.0, -10.0)),
+    "hyperdense": (0.03, (15.0, 40.0)),
+    "rim": (0.08, (-55.0, -25.0)),
+}
+# An enhancing rim is a few mm thick whatever the lesion's size, from iso- to mildly hyperdense.
+RIM_MM = (1.5, 3.5)
+RIM_HU = (-5.0, 25.0)
+# Below this radius a rim would be the whole lesion: a drawn "rim" lesion is painted hypodense.
+RIM_MIN_RADIUS_MM = 8.0
+# Lesions over this radius have a darker (necrotic) centre.
+NECROSIS_MIN_RADIUS_MM = 12.0
+_KIND_NAMES = tuple(KINDS)
+_KIND_P = tuple(share for share, _ in KINDS.values())
 
 
 def paint_tumors(rng: np.random.Generator, grid: Grid, an: Anatomy, hu, tissue) -> None:
     """Paint 1-12 lesions into the liver; their voxels become ``tumor`` (never outside the liver).
 
     Radii are log-uniform in 2-30 mm (shrunk to what fits); ~30% straddle the liver surface and
-    are cut by it. Contrasts: mostly 20-60 HU darker, some 10-20 darker, some brighter, some with
-    a bright rim around a dark core; margins are soft.
+    are cut by it. Contrasts (:data:`KINDS`): mostly 25-70 HU darker than the liver (larger ones
+    with a darker centre), some 10-24 darker, a few brighter, some with a rim of a few mm
+    (:data:`RIM_MM`) around a dark core; margins are soft, so blur and partial volume leave
+    about 35 HU on the scanned image (:mod:`liverseg.phantoms.statistics`).
 
     Args:
         rng: The tumor stream (independent of the anatomy's).
@@ -36,7 +55,7 @@ def paint_tumors(rng: np.random.Generator, grid: Grid, an: Anatomy, hu, tissue) 
     lo, hi = np.log(TUMOR_RADIUS_MM)
     radii = np.exp(rng.uniform(lo, hi, MAX_TUMORS))
     radii[0] = np.exp(rng.uniform(np.log(FIRST_TUMOR_MIN_MM), hi))
-    kinds = rng.choice(len(_KINDS), MAX_TUMORS, p=_KIND_P)
+    kinds = rng.choice(len(KINDS), MAX_TUMORS, p=_KIND_P)
     at_edge = rng.random(MAX_TUMORS) < 0.3
     where = rng.random(MAX_TUMORS)
     looks = rng.random((MAX_TUMORS, 5))
@@ -49,7 +68,7 @@ def paint_tumors(rng: np.random.Generator, grid: Grid, an: Anatomy, hu, tissue) 
     )
     for k in range(count):
         centre, radius = _place_tumor(grid, bbox, distance, radii[k], at_edge[k], where[k])
-        _paint_tumor(rng, grid, an, hu, tissue, centre, radius, _KINDS[kinds[k]], looks[k])
+        _paint_tumor(rng, grid, an, hu, tissue, centre, radius, _KIND_NAMES[kinds[k]], looks[k])
 
 
 def _place_tumor(grid, bbox, distance, radius, at_edge, where):
@@ -78,17 +97,7 @@ def _paint_tumor(rng, grid, an, hu, tissue, centre, radius, kind, looks) -> None
     lobes = smooth_field(rng, coords, centre - ext, centre + ext, max(0.6 * radius, 2.0))
     d = np.sqrt((X - centre[0]) ** 2 + (Y - centre[1]) ** 2 + (Z - centre[2]) ** 2) / radius
     d = d + 0.12 * looks[0] * lobes
-    core = {
-        "hypodense": -20 - 40 * looks[1],
-        "subtle": -10 - 10 * looks[1],
-        "hyperdense": 15 + 25 * looks[1],
-        "rim": -20 - 30 * looks[1],
-    }[kind]
-    profile = np.full(d.shape, core, np.float32)
-    if kind == "rim":
-        profile += (20 + 30 * looks[2] - core) * expit((d - 0.75) / 0.06)
-    if kind == "hypodense" and radius > 12:
-        profile -= (10 + 20 * looks[2]) * expit((0.45 - d) / 0.08)
+    profile = lesion_profile(kind, radius, d, looks)
     grain = texture(rng, d.shape, 1.5 / grid.spacing)
     softness = 0.04 + 0.11 * looks[3]
     weight = expit((1 - d) / softness)
@@ -98,3 +107,32 @@ def _paint_tumor(rng, grid, an, hu, tissue, centre, radius, kind, looks) -> None
     region = hu[sl]
     region[liver] = ((1 - weight) * region + weight * lesion)[liver]
     region_t[liver & (d <= 1)] = TISSUE_CODE["tumor"]
+
+
+def lesion_profile(kind: str, radius_mm: float, d: np.ndarray, looks: np.ndarray) -> np.ndarray:
+    """A lesion's HU against its liver, by normalised distance from its centre.
+
+    Args:
+        kind: A key of :data:`KINDS`. A ``"rim"`` lesion under :data:`RIM_MIN_RADIUS_MM` is
+            painted ``"hypodense"``.
+        radius_mm: The lesion's radius, mm.
+        d: Distance from the centre over the radius (1 on the margin), float32, any shape.
+        looks: The lesion's five uniform draws in [0, 1): lobulation, core contrast, rim HU (or
+            necrosis depth), margin softness (and rim width), grain.
+
+    Returns:
+        float32 HU to add to the liver's, shape of ``d``; the margin's softness is not in it.
+    """
+    if kind == "rim" and radius_mm < RIM_MIN_RADIUS_MM:
+        kind = "hypodense"
+    lo, hi = KINDS[kind][1]
+    core = hi + (lo - hi) * looks[1]
+    profile = np.full(d.shape, core, np.float32)
+    if kind == "rim":
+        rim_hu = RIM_HU[0] + (RIM_HU[1] - RIM_HU[0]) * looks[2]
+        rim_mm = RIM_MM[0] + (RIM_MM[1] - RIM_MM[0]) * looks[3]
+        depth_mm = (1 - d) * radius_mm
+        profile += (rim_hu - core) * expit((rim_mm - depth_mm) / 0.5)
+    if kind == "hypodense" and radius_mm > NECROSIS_MIN_RADIUS_MM:
+        profile -= (10 + 20 * looks[2]) * expit((0.45 - d) / 0.08)
+    return profile

@@ -1,7 +1,8 @@
 """The preprocessing cache: each training case preprocessed once into memory-mapped ``.npy`` files.
 
-Preprocessing (inference's own, :mod:`liverseg.preprocessing`): reorient to canonical RAS, clip to
-a fixed HU window and map it to (-1, 1), then CropOrPad to
+Preprocessing (inference's own, :mod:`liverseg.preprocessing`): reorient to canonical RAS,
+resample to the target spacing when ``data.spacing_mm`` is set (:mod:`liverseg.resampling`), clip
+to a fixed HU window and map it to (-1, 1), then CropOrPad to
 ``data.shape`` centred on the liver, so no liver slice is cut. It runs once per case and is cached
 as uncompressed ``.npy`` arrays that the workers memory-map, keyed by the preprocessing settings and
 the source files' size and mtime. An entry whose files are truncated or garbled is logged and
@@ -27,6 +28,7 @@ from liverseg.errors import DataError
 from liverseg.geometry import label_affine_matches, spacing_mm
 from liverseg.io import atomic_path, read_labels, read_volume
 from liverseg.preprocessing import scale_hu, to_canonical
+from liverseg.resampling import resample_image, resample_labels
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +99,8 @@ def preprocess_case(case: Case, cache_dir: Path, settings: dict) -> CachedCase:
         case: A labelled case.
         cache_dir: Folder of the cache.
         settings: ``hu_min``, ``hu_max``, ``shape`` (voxels), ``min_size`` (voxels: the patch
-            size), ``affine_tolerance_mm``, ``copy_label_geometry``.
+            size), ``affine_tolerance_mm``, ``copy_label_geometry``, and optionally
+            ``spacing_mm`` (a RAS-ordered target spacing, or None).
 
     Returns:
         Where the cached arrays are.
@@ -113,6 +116,10 @@ def preprocess_case(case: Case, cache_dir: Path, settings: dict) -> CachedCase:
     hu, labels, ras_affine = _load_aligned(
         case, settings["affine_tolerance_mm"], settings["copy_label_geometry"]
     )
+    target = settings.get("spacing_mm")
+    if target is not None:  # canonical arrays: the RAS-ordered target applies as it is
+        hu, _ = resample_image(hu, ras_affine, target)
+        labels, ras_affine = resample_labels(labels, ras_affine, target)
     window = tuple(_liver_centred_window(labels, settings["shape"]))
     scaled = scale_hu(hu[window], settings["hu_min"], settings["hu_max"])
     labels = labels[window]

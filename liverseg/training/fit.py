@@ -32,7 +32,7 @@ from liverseg.checkpoints import (
 from liverseg.config import Config, check_config, save_config
 from liverseg.constants import CASE_ID, DICE_CLASSES, IMAGE, LABEL
 from liverseg.data.cases import Case
-from liverseg.data.splits import load_or_create_split
+from liverseg.data.splits import load_or_create_fold_split, load_or_create_split
 from liverseg.devices import autocast_dtype, resolve_device, training_layout
 from liverseg.errors import TrainingError
 from liverseg.evaluation.metrics import case_dice
@@ -111,12 +111,15 @@ def train_one_epoch(model, loader, optimizer, scaler, *, epoch, config, device, 
 def validate(model, cases: list[Case], settings: InferenceSettings, device) -> dict[str, float]:
     """Predict whole validation volumes with the users' inference routine; mean Dice per class.
 
-    The cases are at the training resolution, so they are predicted as ``prepared``: exactly
-    what ``liverseg predict --prepared`` and ``liverseg evaluate`` compute from ``settings``.
+    The cases are at the training resolution (reduced by ``data.factor``), so they are predicted
+    as ``prepared``: exactly what ``liverseg predict --prepared`` and ``liverseg evaluate`` compute
+    from ``settings``; with a target spacing they are resampled to it, as the cache did.
     """
     scores = {c: [] for c in DICE_CLASSES}
     for case in tqdm(cases, desc="validate", unit="case", leave=False):
-        prediction = predict_volume(model, case.image, settings, prepared=True, device=device)
+        prediction = predict_volume(
+            model, case.image, settings, prepared=settings.spacing_mm is None, device=device
+        )
         truth, _ = read_labels(case.label)
         for name, value in case_dice(prediction.labels, truth).items():
             scores[name].append(value)
@@ -146,6 +149,7 @@ def build_training_loader(
         "min_size": data.patch_size,
         "affine_tolerance_mm": data.affine_tolerance_mm,
         "copy_label_geometry": data.copy_label_geometry,
+        "spacing_mm": None if data.spacing_mm is None else list(data.spacing_mm),
     }
     cached = build_cache(cases, cache_dir, cache_settings, workers=data.num_workers)
     patches = PatchSettings(
@@ -178,17 +182,19 @@ def split_cases(config: Config, run_dir: Path) -> tuple[list[Case], list[Case]]:
     """The run's training and validation cases: the dataset found and checked, then split.
 
     The split is written once to ``<run_dir>/split.json`` (or read from ``data.split_file``) and
-    read back on every later run.
+    read back on every later run; with ``data.folds`` it is fold ``data.fold`` of the dataset's
+    k-fold splits file.
     """
     cases = find_training_cases(config)
-    by_id = {case.case_id: case for case in cases}
-    split = load_or_create_split(
-        run_dir / "split.json",
-        list(by_id),
-        config.data.num_train,
-        config.data.split_seed,
-        config.data.split_file,
-    )
+    by_id, data = {case.case_id: case for case in cases}, config.data
+    if data.folds is not None:
+        split = load_or_create_fold_split(
+            run_dir / "split.json", data.root, list(by_id), data.folds, data.fold, data.split_seed
+        )
+    else:
+        split = load_or_create_split(
+            run_dir / "split.json", list(by_id), data.num_train, data.split_seed, data.split_file
+        )
     return [by_id[i] for i in split["train"]], [by_id[i] for i in split["val"]]
 
 
@@ -307,7 +313,11 @@ def fit(config: Config) -> dict:
     cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else run.dir / "cache"
     loader = build_training_loader(config, run.train_cases, cache_dir, run.device.type == "cuda")
     preprocessing = preprocessing_record(
-        config.data.hu_min, config.data.hu_max, config.data.factor, head_for_loss(config.train.loss)
+        config.data.hu_min,
+        config.data.hu_max,
+        config.data.factor,
+        head_for_loss(config.train.loss),
+        config.data.spacing_mm,
     )
     settings = inference_settings(config, preprocessing)
     scores: dict[str, float] = {}

@@ -69,7 +69,7 @@ def write_final_predictions(run_dir: Path, checkpoint: Path, cases: list[Case], 
         [c.image for c in cases],
         out,
         overwrite=True,
-        prepared=True,
+        prepared=config.data.spacing_mm is None,  # else resampled to it, as in training
         device=config.train.device,
     )
     if failures:

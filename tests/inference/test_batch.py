@@ -9,11 +9,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import write_tiny_checkpoint
 
 from liverseg.cli import main
 from liverseg.constants import BACKGROUND, LIVER, TUMOR
 from liverseg.errors import CheckpointError
 from liverseg.inference.batch import collect_inputs, predict_paths, safe_name
+from liverseg.model import UNet3D
 
 torch.set_num_threads(1)
 
@@ -144,6 +146,19 @@ def test_cli_exit_codes(tmp_path, checkpoint, capsys):
     assert "bad.nii" in capsys.readouterr().err
 
 
+def test_an_ensemble_is_recorded_in_report_and_summary(tmp_path, checkpoint):
+    torch.manual_seed(1)
+    other = write_tiny_checkpoint(tmp_path / "fold_1.pt", model=UNet3D(1, 2, features=(4, 8)))
+    ct = write_ct(tmp_path / "in" / "liver_7.nii.gz")
+    assert predict_paths([checkpoint, other], [ct], tmp_path / "out", device="cpu") == []
+    report = json.loads((tmp_path / "out" / "liver_7_report.json").read_text())
+    assert [m["checkpoint"] for m in report["model"]["ensemble"]] == [str(checkpoint), str(other)]
+    row = read_summary(tmp_path / "out")["liver_7"]
+    assert row["status"] == "ok" and row["checkpoints"] == f"{checkpoint} | {other}"
+    assert predict_paths(checkpoint, [ct], tmp_path / "one", device="cpu") == []
+    assert read_summary(tmp_path / "one")["liver_7"]["checkpoints"] == str(checkpoint)
+
+
 def test_real_ct_predicts_and_reports(real_ct, tmp_path, checkpoint):
     image, _ = real_ct
     out = tmp_path / "out"
@@ -263,4 +278,4 @@ def test_implausible_intensities_are_warned_in_report_and_summary(tmp_path, chec
         assert rows[name]["warnings"] == " | ".join(report["warnings"])
         assert rows[name]["warnings"].startswith(words)
     with (out / "summary.csv").open() as f:
-        assert f.readline().strip().endswith(",status,input,warnings")
+        assert f.readline().strip().endswith(",status,input,checkpoints,warnings")

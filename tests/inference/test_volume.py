@@ -20,7 +20,7 @@ from liverseg.devices import cpu_supports_bf16, uses_channels_last
 from liverseg.errors import CheckpointError, DataError, LiversegError
 from liverseg.inference.postprocess import Postprocess, postprocess_labels
 from liverseg.inference.settings import InferenceSettings
-from liverseg.inference.volume import patch_overlap_voxels, predict_volume
+from liverseg.inference.volume import predict_volume
 from liverseg.model import UNet3D
 
 torch.set_num_threads(1)
@@ -229,13 +229,6 @@ def test_bf16_autocast_gives_the_same_labels_as_fp32():
     for label in (LIVER, TUMOR):
         assert (exact == label).sum() > 500  # both classes present: the Dice means something
         assert dice(fast == label, exact == label) >= 0.99
-
-
-def test_overlap_is_an_even_voxel_count():
-    assert patch_overlap_voxels(96, 0.5) == 48
-    assert patch_overlap_voxels(16, 0.3) == 4
-    assert patch_overlap_voxels(16, 0.99) == 14
-    assert patch_overlap_voxels(16, 0.0) == 0
 
 
 # --- post-processing ---------------------------------------------------------------------------
@@ -517,16 +510,6 @@ def test_implausible_intensities_are_predicted_with_a_warning(caplog, hu, words)
 
 
 # --- test-time mirroring ------------------------------------------------------------------------
-
-
-def test_mirror_dims_cover_every_flip_once():
-    from liverseg.inference.volume import mirror_dims
-
-    assert mirror_dims(1) == [()]
-    assert mirror_dims(2) == [(), (2,)]
-    assert sorted(mirror_dims(8)) == sorted(
-        [(), (2,), (3,), (2, 3), (4,), (2, 4), (3, 4), (2, 3, 4)]
-    )
 
 
 @pytest.mark.parametrize("flips", [2, 4, 8])

@@ -67,3 +67,33 @@ def test_cache_intensities_equal_what_inference_feeds_the_model(tmp_path, affine
     assert cached.shape == seen.shape == (PATCH, PATCH, PATCH)
     assert cached.min() == -1 and cached.max() == 1  # the window clipped both ends
     np.testing.assert_array_equal(cached, seen)
+
+
+@pytest.mark.parametrize("affine", [np.diag([0.8, 0.9, 2.5, 1.0]), LPS], ids=["RAS", "LPS"])
+def test_at_a_target_spacing_cache_and_inference_resample_alike(tmp_path, affine):
+    case = write_case(tmp_path, affine)
+    target = (1.6, 1.8, 1.25)  # coarser in-plane, finer between slices
+    settings = {
+        "hu_min": -150.0,
+        "hu_max": 250.0,
+        "shape": [16, 14, 48],  # the whole resampled volume, padded to one patch
+        "min_size": PATCH,
+        "affine_tolerance_mm": 0.01,
+        "copy_label_geometry": False,
+        "spacing_mm": list(target),
+    }
+    cached_case = preprocess_case(case, tmp_path / "cache", settings)
+    assert cached_case.spacing_mm == pytest.approx(target)
+    label = np.load(cached_case.label)
+    assert label.shape == (PATCH, PATCH, 48) and set(np.unique(label)) == {0, LIVER, TUMOR}
+    probe = InputProbe()
+    inference = InferenceSettings(
+        hu_min=-150.0, hu_max=250.0, patch_size=PATCH, amp="off", spacing_mm=target
+    )
+    prediction = predict_volume(probe, case.image, inference.replace(postprocess=None))
+    assert prediction.labels.shape == SHAPE  # back on the input grid
+    cached = np.load(cached_case.image).astype(np.float32)
+    seen = [p[0].numpy() for batch in probe.seen for p in batch]  # 2 patches cover 48 slices
+    assert len(seen) == 2 and all(p.shape == (PATCH, PATCH, PATCH) for p in seen)
+    np.testing.assert_allclose(seen[0], cached[:, :, :PATCH], atol=2e-3)
+    np.testing.assert_allclose(seen[-1], cached[:, :, -PATCH:], atol=2e-3)

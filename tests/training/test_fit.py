@@ -554,3 +554,33 @@ def test_validation_does_not_change_what_training_draws(phantom_root, tmp_path):
         weights.append(load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"])
     for key, value in weights[0].items():
         torch.testing.assert_close(weights[1][key], value, rtol=0, atol=0)
+
+
+def test_a_target_spacing_run_records_it_and_predicts_in_the_input_geometry(
+    phantom_root, tmp_path
+):
+    import nibabel as nib
+
+    from liverseg.checkpoints import load_model
+    from liverseg.inference.volume import predict_volume
+
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(
+        phantom_root, run_dir, "data.spacing_mm=[12, 12, 10]", "train.epochs=1",
+        "run.final_predictions=true",
+    )  # fmt: skip
+    fit(load_config(None, overrides))
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert state["preprocessing"]["spacing_mm"] == [12.0, 12.0, 10.0]
+    model, settings = load_model(run_dir / "checkpoints" / "last.pt", "cpu")
+    assert settings.spacing_mm == (12.0, 12.0, 10.0)
+    (prediction_file,) = (run_dir / "predictions").glob("*_seg.nii.gz")
+    image = phantom_root / "imagesTr" / prediction_file.name.replace("_seg", "")
+    written, source = nib.load(prediction_file), nib.load(image)
+    assert written.shape == source.shape
+    np.testing.assert_allclose(written.affine, source.affine, atol=1e-5)
+    assert predict_volume(model, image, settings).labels.shape == source.shape
+    # A checkpoint written before target spacings existed has no key: it loads without one.
+    del state["preprocessing"]["spacing_mm"]
+    torch.save(state, tmp_path / "old.pt")
+    assert load_model(tmp_path / "old.pt", "cpu")[1].spacing_mm is None
