@@ -46,12 +46,7 @@ def read_split(path: str | Path) -> dict[str, list[str]]:
             or ``"val"``, or names a case in both; names the file and the fix.
     """
     path = Path(path)
-    try:
-        split = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"split file {path} does not exist; give a run's split.json") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"split file {path} is not readable JSON ({exc}); {REDRAW_FIX}") from None
+    split = _read_json(path, "split file", "; give a run's split.json", REDRAW_FIX)
     for key in ("train", "val"):
         ids = split.get(key) if isinstance(split, dict) else None
         if not isinstance(ids, list) or not all(isinstance(c, str) for c in ids):
@@ -174,14 +169,7 @@ def read_folds(path: str | Path) -> list[dict[str, list[str]]]:
             names the file and the fix.
     """
     path = Path(path)
-    try:
-        splits = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"splits file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(
-            f"splits file {path} is not readable JSON ({exc}); {REDRAW_FOLDS_FIX}"
-        ) from None
+    splits = _read_json(path, "splits file", "", REDRAW_FOLDS_FIX)
     if not isinstance(splits, list) or len(splits) < 2 or not all(map(_is_split, splits)):
         raise DataError(
             f'splits file {path} is not a list of {{"train": [...], "val": [...]}}, one per fold '
@@ -293,3 +281,13 @@ def load_or_create_fold_split(
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(split, indent=1))
     return split
+
+
+def _read_json(path: Path, what: str, missing_hint: str, fix: str):
+    """``path``'s JSON; a DataError naming ``what`` and the file when missing or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{what} {path} does not exist{missing_hint}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{what} {path} is not readable JSON ({exc}); {fix}") from None
