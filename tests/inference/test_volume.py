@@ -402,6 +402,11 @@ def rewritten_checkpoint(tmp_path, name: str, version: str = "0.1.0", **preproce
         ({"head": "sigmoid"}, "head='sigmoid' (expected one of regions, softmax)"),
         ({"factor": 0}, "factor=0 (expected an integer >= 1)"),
         ({"factor": 1.5}, "factor=1.5 (expected an integer >= 1)"),
+        (
+            {"spacing_mm": [4, 0, 4]},
+            "spacing_mm=[4, 0, 4] (expected 3 finite positive numbers in mm)",
+        ),
+        ({"spacing_mm": "4mm"}, "spacing_mm='4mm' (expected 3 numbers in mm)"),
     ],
 )
 def test_load_model_refuses_invalid_preprocessing_naming_file_and_key(
