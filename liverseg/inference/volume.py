@@ -167,9 +167,11 @@ def _model_grid(hu: np.ndarray, affine: np.ndarray, settings: InferenceSettings,
         resampled, new_affine = resample_image(hu, affine, target)
         if resampled is hu:
             return hu, affine, None
-        return resampled, new_affine, [
-            grid_centres(n, m) for n, m in zip(hu.shape, resampled.shape)
-        ]
+        return (
+            resampled,
+            new_affine,
+            [grid_centres(n, m) for n, m in zip(hu.shape, resampled.shape)],
+        )
     if settings.factor > 1:
         return (
             downsample_image(hu, settings.factor),
