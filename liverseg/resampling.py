@@ -86,9 +86,8 @@ def resample_image(
         ``(resampled, new_affine)``; the input itself (as float32 only if needed) when the grid
         would not change.
     """
-    spacing = spacing_mm(affine)
-    new_shape = resampled_shape(volume.shape, spacing, target)
-    if not needs_resampling(volume.shape, new_shape, spacing, target):
+    new_shape = _new_grid(volume.shape, affine, target)
+    if new_shape is None:
         return volume, np.asarray(affine, dtype=np.float64)
     smoothed = np.asarray(volume, dtype=np.float32)
     for axis, (n, m) in enumerate(zip(volume.shape, new_shape)):
@@ -107,15 +106,21 @@ def resample_labels(
     Liver-incl.-tumor and tumor are interpolated linearly as two regions and thresholded at 0.5
     (tumor wins), one region at a time to bound memory.
     """
-    spacing = spacing_mm(affine)
-    new_shape = resampled_shape(labels.shape, spacing, target)
-    if not needs_resampling(labels.shape, new_shape, spacing, target):
+    new_shape = _new_grid(labels.shape, affine, target)
+    if new_shape is None:
         return labels, np.asarray(affine, dtype=np.float64)
     out = np.full(new_shape, BACKGROUND, dtype=np.uint8)
     for value, region in ((LIVER, labels != BACKGROUND), (TUMOR, labels == TUMOR)):
         inside = _interpolate(region.astype(np.float32), new_shape) >= 0.5
         out[inside] = value
     return out, resampled_affine(affine, labels.shape, new_shape)
+
+
+def _new_grid(shape, affine: np.ndarray, target) -> tuple[int, int, int] | None:
+    """The resampled voxel counts, or None when the grid would not change."""
+    spacing = spacing_mm(affine)
+    new_shape = resampled_shape(shape, spacing, target)
+    return new_shape if needs_resampling(shape, new_shape, spacing, target) else None
 
 
 def _interpolate(volume: np.ndarray, new_shape: Sequence[int]) -> np.ndarray:
