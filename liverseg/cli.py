@@ -80,16 +80,32 @@ def _add_check_parser(sub) -> None:
 def _prepare(args: argparse.Namespace) -> int:
     from liverseg.data.prepare import prepare_dataset
 
-    summary = prepare_dataset(args.src_dir, args.out_dir, factor=args.factor, workers=args.workers)
+    summary = prepare_dataset(
+        args.src_dir,
+        args.out_dir,
+        factor=args.factor,
+        workers=args.workers,
+        spacing_mm=args.spacing,
+    )
     print(summary)
     return 0
 
 
 def _add_prepare_parser(sub) -> None:
-    p = sub.add_parser("prepare", help="halve every axis of a Task03 folder (resumable)")
+    p = sub.add_parser(
+        "prepare",
+        help="halve every axis of a Task03 folder, or resample it to a target spacing (resumable)",
+    )
     p.add_argument("src_dir", type=Path)
     p.add_argument("out_dir", type=Path)
-    p.add_argument("--factor", type=int, default=2)
+    how = p.add_mutually_exclusive_group()
+    how.add_argument(
+        "--factor", type=int, default=None, help="integer reduction of every axis (default: 2)"
+    )
+    how.add_argument(
+        "--spacing", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"),
+        help="resample every case to this spacing instead, mm per RAS axis (as data.spacing_mm)",
+    )  # fmt: skip
     p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
     p.set_defaults(func=_prepare)
 

@@ -133,6 +133,28 @@ def to_labels(probabilities: torch.Tensor, head: str, threshold: float = 0.5) ->
     return labels
 
 
+def region_probabilities(probabilities: torch.Tensor, head: str) -> torch.Tensor:
+    """The probabilities of the two nested regions, whatever the head: ``(liver incl. tumor, tumor)``.
+
+    ``"regions"``: the two channels as they are; ``"softmax"``: ``(p_liver + p_tumor, p_tumor)``.
+    What per-case quality control and lesion confidences read (:mod:`liverseg.evaluation.qc`).
+
+    Args:
+        probabilities: ``(C, ...)`` from :func:`to_probabilities` (channels first).
+        head: ``"regions"`` or ``"softmax"``.
+
+    Returns:
+        ``(2, ...)`` probabilities of the liver region (label in {LIVER, TUMOR}) and the tumor
+        region (label == TUMOR).
+    """
+    check_channels(probabilities.shape[0], head, "probabilities")
+    if head == "regions":
+        return probabilities
+    regions = probabilities[1:].clone()  # (p_liver, p_tumor) -> (p_liver + p_tumor, p_tumor)
+    regions[0] += probabilities[2]
+    return regions
+
+
 def invalid_label_values(labels: np.ndarray, limit: int = 10) -> list:
     """The values of a label map that are not label values (empty when all are valid).
 

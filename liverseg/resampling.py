@@ -67,9 +67,18 @@ def resampled_affine(
 
 
 def needs_resampling(shape: Sequence[int], new_shape: Sequence[int], spacing, target) -> bool:
-    """False when the grid would not change (same voxel counts and spacing within 1%)."""
+    """False when the grid would not change.
+
+    That is when each axis already holds the voxel count that resampling gives: the same
+    counts and spacing within 1%, or a field of view ``n * s`` within half a target voxel of
+    ``n * t`` (a grid written by this resampling, whose spacing ``n0 * s0 / n`` differs from
+    the target by up to half a voxel over the axis; read back from a float32 NIfTI header a
+    rounding tie such as 18.5 must not flip to 19 and resample it again).
+    """
     same_shape = tuple(shape) == tuple(new_shape)
-    return not (same_shape and all(abs(s - t) <= 0.01 * t for s, t in zip(spacing, target)))
+    if same_shape and all(abs(s - t) <= 0.01 * t for s, t in zip(spacing, target)):
+        return False
+    return not all(abs(n * s / t - n) <= 0.5 + 1e-6 * n for n, s, t in zip(shape, spacing, target))
 
 
 def resample_image(

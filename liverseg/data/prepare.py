@@ -1,15 +1,21 @@
-"""Halve a Task03 folder (the seed's downsampling), resumable.
+"""Reduce a Task03 folder by an integer factor, or resample it to a target spacing, resumable.
 
-Every axis of every case is reduced by an integer ``factor`` (2: 512 x 512 x Z -> 256 x 256 x
-ceil(Z / 2)), and the result is written to a new folder in the same layout (``imagesTr``,
-``labelsTr``, ``imagesTs``, ``dataset.json``) together with ``prepare.json``, which records the
-original and new geometry of each case so predictions can be mapped back, and whether the source's
-spacing can be trusted (``spacing_trusted``: false for an identity placeholder affine, whose halving
-no longer looks like one). A missing ``imagesTs`` means no test cases (with a warning).
+Either every axis of every case is reduced by an integer ``factor`` (2, the seed's halving:
+512 x 512 x Z -> 256 x 256 x ceil(Z / 2)), or every case is resampled to a target spacing
+``spacing_mm`` (mm per canonical RAS axis, as ``data.spacing_mm``) with the functions the training
+cache and inference use (:mod:`liverseg.resampling`), so the cache's own resampling at that
+spacing then has nothing to do. The result is written to a new folder in the same layout
+(``imagesTr``, ``labelsTr``, ``imagesTs``, ``dataset.json``) together with ``prepare.json``, which
+records the factor or the spacing, the original and new geometry of each case so predictions can
+be mapped back, and whether the source's spacing can be trusted (``spacing_trusted``: false for an
+identity placeholder affine, whose halving no longer looks like one). A missing ``imagesTs``
+means no test cases (with a warning). Records written before ``spacing_mm`` existed load with
+``spacing_mm`` None.
 
-The geometry, the image filter and the label rule are in :mod:`liverseg.data.downsampling`;
-this module finds the cases, runs them in worker processes, skips those already finished and
-keeps the record.
+The factor's geometry, image filter and label rule are in :mod:`liverseg.data.downsampling`;
+this module finds the cases, runs them in worker processes, skips those already finished, keeps
+the record, and tells training whether its ``data.factor`` / ``data.spacing_mm`` fit a folder
+prepared at a spacing (:func:`check_prepared_for_training`).
 """
 
 from __future__ import annotations
@@ -17,8 +23,10 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import logging
+import math
 import multiprocessing
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -27,26 +35,41 @@ from tqdm import tqdm
 
 from liverseg.constants import LABEL_NAMES, LABEL_VALUES
 from liverseg.data.cases import SPLITS, Case, MissingTestFolderError, find_cases
-from liverseg.data.downsampling import downsample_case
+from liverseg.data.downsampling import LABEL_AFFINE_TOLERANCE_MM, downsample_case
 from liverseg.errors import DataError, LiversegError
-from liverseg.io import atomic_path, fingerprint, remove_stale_temp_files
+from liverseg.geometry import label_affine_matches, spacing_is_trustworthy
+from liverseg.io import (
+    atomic_path,
+    fingerprint,
+    read_labels,
+    read_volume,
+    remove_stale_temp_files,
+    save_nifti,
+)
 from liverseg.writable import check_writable_dir
 
 logger = logging.getLogger(__name__)
 
 RECORD_NAME = "prepare.json"
+# Spacings within 1% per axis are the same, as liverseg.resampling.needs_resampling judges them.
+SPACING_RTOL = 0.01
+_INT16 = np.iinfo(np.int16)
 
 
 def load_prepare_record(out_dir: str | Path) -> dict:
     """Read ``OUT_DIR/prepare.json``.
 
     Returns:
-        ``{"factor": int, "source_dir": str, "cases": {case_id: record}}``; each record as
-        returned by :func:`downsample_case` plus ``case_id`` and ``split``, with ``image`` and
-        ``label`` relative to ``out_dir``.
+        ``{"factor": int, "spacing_mm": [x, y, z] or None, "source_dir": str,
+        "cases": {case_id: record}}``; ``spacing_mm`` (mm, RAS order) is set by
+        ``--spacing``, whose records have ``factor`` 1, and None for a factor (and for records
+        written before it existed). Each case record is as returned by :func:`downsample_case`
+        or :func:`resample_case`, plus ``case_id`` and ``split``, with ``image`` and ``label``
+        relative to ``out_dir``.
 
     Raises:
-        DataError: The file is missing or not a prepare record.
+        DataError: The file is missing or not a prepare record, or its ``spacing_mm`` is not
+            three positive numbers.
     """
     path = Path(out_dir) / RECORD_NAME
     if not path.is_file():
@@ -66,7 +89,31 @@ def load_prepare_record(out_dir: str | Path) -> dict:
             f"{path}: expected keys 'factor' and 'cases', found {found}; "
             "this is not a liverseg prepare record."
         )
+    spacing = record.setdefault("spacing_mm", None)
+    if spacing is not None and _spacing_problem(spacing) is not None:
+        raise DataError(
+            f"{path}: 'spacing_mm' is {spacing!r}, expected three numbers > 0 mm (x, y, z in RAS "
+            "order) or null; rerun `liverseg prepare --spacing X Y Z` into a fresh folder."
+        )
     return record
+
+
+def _spacing_problem(spacing) -> str | None:
+    """What is wrong with a target spacing (three finite numbers > 0 mm), or None."""
+    try:
+        values = [v for v in spacing if not isinstance(v, (str, bytes, bool))]
+        values = [float(v) for v in values] if len(values) == len(spacing) == 3 else None
+    except (TypeError, ValueError):
+        values = None
+    if values is None or isinstance(spacing, (str, bytes)):
+        return "expected three numbers"
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        return "each must be a finite number > 0 mm"
+    return None
+
+
+def _show_spacing(spacing: Sequence[float]) -> str:
+    return " x ".join(f"{v:g}" for v in spacing) + " mm"
 
 
 def _write_json(path: Path, content: dict) -> None:
@@ -122,32 +169,141 @@ def _is_finished(job: dict, record: dict | None, out: Path) -> bool:
     return all((out / name).is_file() for name in outputs)
 
 
-def _run_job(job: dict, out_dir: str, factor: int) -> dict:
-    """Worker: downsample one case; the record's output paths are relative to ``out_dir``."""
+def resample_case(
+    image_path: str | Path,
+    label_path: str | Path | None,
+    out_image: str | Path,
+    out_label: str | Path | None,
+    spacing_mm: Sequence[float],
+) -> dict:
+    """Resample one case to ``spacing_mm`` as the training cache does, and write it atomically.
+
+    The image and label are read as the cache reads them and resampled by
+    :func:`liverseg.resampling.resample_image` and :func:`~liverseg.resampling.resample_labels`
+    in their stored axis order (the RAS target mapped to it by
+    :func:`~liverseg.resampling.stored_target`; resampling commutes with the cache's
+    reorientation). The label follows its image's grid, so the pair keeps one shape. Memory:
+    the whole case as float32, a few copies of it (more than the factor path).
+
+    Args:
+        image_path: CT volume, HU, shape ``(W, H, D)``.
+        label_path: Its label map (values ``LABEL_VALUES``, same shape) or None (test cases).
+        out_image: Destination of the image: HU rounded to int16, shape
+            ``max(1, round(n * s / t))`` per axis (:func:`liverseg.resampling.resampled_shape`).
+        out_label: Destination of the uint8 label, or None.
+        spacing_mm: Target spacing, mm per canonical RAS axis (x, y, z), as ``data.spacing_mm``.
+
+    Returns:
+        The case's record, with the keys of :func:`downsample_case`'s but ``spacing_mm`` (the
+        RAS target) in place of ``factor``.
+
+    Raises:
+        DataError: A file is unreadable or not 3D, or the label's shape or values are wrong.
+    """
+    # Imported here: liverseg.resampling imports torch, which the factor path's workers never need.
+    from liverseg.resampling import resample_image, resample_labels, resampled_affine, stored_target
+
+    if (label_path is None) != (out_label is None):
+        raise ValueError("label_path and out_label must both be given or both be None")
+    image_path = Path(image_path)
+    hu, affine = read_volume(image_path)
+    original_shape = hu.shape
+    target = stored_target(affine, spacing_mm)
+    resampled, new_affine = resample_image(hu, affine, target)
+    del hu
+    save_nifti(_int16_hu(resampled), new_affine, out_image)
+    record = {
+        "spacing_mm": [float(v) for v in spacing_mm],
+        "source_image": fingerprint(image_path),
+        "source_label": None,
+        "image": str(out_image),
+        "label": None,
+        "original_shape": list(original_shape),
+        "original_affine": affine.tolist(),
+        "new_shape": list(resampled.shape),
+        "new_affine": new_affine.tolist(),
+        "spacing_trusted": spacing_is_trustworthy(affine),
+    }
+    del resampled
+    if label_path is None:
+        return record
+    label_path = Path(label_path)
+    labels, label_affine = read_labels(label_path)
+    if labels.shape != original_shape:
+        raise DataError(
+            f"{label_path}: label shape {labels.shape} differs from its image's "
+            f"{original_shape} ({image_path}); expected the same voxel grid. Fix or remove "
+            "this case."
+        )
+    new_labels, new_label_affine = resample_labels(labels, affine, target)
+    if not label_affine_matches(affine, label_affine, LABEL_AFFINE_TOLERANCE_MM):
+        logger.warning(
+            "%s: label affine differs from its image's by %.3g mm; kept as stored",
+            label_path,
+            np.abs(label_affine - affine).max(),
+        )
+        new_label_affine = resampled_affine(label_affine, labels.shape, new_labels.shape)
+    save_nifti(new_labels, new_label_affine, out_label)
+    record.update(
+        source_label=fingerprint(label_path),
+        label=str(out_label),
+        original_label_affine=label_affine.tolist(),
+        new_label_affine=np.asarray(new_label_affine).tolist(),
+    )
+    return record
+
+
+def _int16_hu(volume: np.ndarray) -> np.ndarray:
+    """HU rounded and clipped to int16, as the factor path writes them."""
+    if volume.dtype == np.int16:
+        return volume
+    if volume.dtype.kind == "f":
+        volume = np.rint(volume)
+    return np.clip(volume, _INT16.min, _INT16.max).astype(np.int16)
+
+
+def _run_job(job: dict, out_dir: str, factor: int, spacing_mm: list[float] | None) -> dict:
+    """Worker: reduce or resample one case; its record's output paths are relative to out_dir."""
     out = Path(out_dir)
     label_out = out / job["label"] if job["label"] else None
-    record = downsample_case(
-        job["image_path"], job["label_path"], out / job["image"], label_out, factor
-    )
+    sources = (job["image_path"], job["label_path"], out / job["image"], label_out)
+    if spacing_mm is None:
+        record = downsample_case(*sources, factor)
+    else:
+        record = resample_case(*sources, spacing_mm)
     record.update(case_id=job["case_id"], split=job["split"], image=job["image"])
     record["label"] = job["label"]
     return record
 
 
-def _open_record(out: Path, src: Path, factor: int) -> dict:
+def _method(factor: int, spacing_mm: Sequence[float] | None) -> str:
+    """How a folder is prepared, in words: ``factor 2`` or ``spacing 1.5 x 1.5 x 3 mm``."""
+    return f"factor {factor}" if spacing_mm is None else f"spacing {_show_spacing(spacing_mm)}"
+
+
+def _open_record(out: Path, src: Path, factor: int, spacing_mm: list[float] | None) -> dict:
     if not (out / RECORD_NAME).is_file():
-        return {"factor": factor, "source_dir": str(src.resolve()), "cases": {}}
+        return {
+            "factor": factor,
+            "spacing_mm": spacing_mm,
+            "source_dir": str(src.resolve()),
+            "cases": {},
+        }
     record = load_prepare_record(out)
-    if record["factor"] != factor:
+    before, now = (record["factor"], record["spacing_mm"]), (factor, spacing_mm)
+    if before != now:
         raise DataError(
-            f"{out / RECORD_NAME}: {out} was prepared with factor {record['factor']}, this run "
-            f"asks for {factor}. Use the same factor to resume, or a fresh OUT_DIR."
+            f"{out / RECORD_NAME}: {out} was prepared with {_method(*before)}, this run asks "
+            f"for {_method(*now)}. Use the same --factor or --spacing to resume, or a fresh "
+            "OUT_DIR."
         )
     record["source_dir"] = str(src.resolve())
     return record
 
 
-def _execute(todo: list[dict], out: Path, factor: int, workers: int, on_done) -> list[str]:
+def _execute(
+    todo: list[dict], out: Path, method: tuple[int, list[float] | None], workers: int, on_done
+) -> list[str]:
     """Run the jobs (in this process when ``workers == 1``); return one message per failure."""
     failures = []
     progress = tqdm(total=len(todo), desc="prepare", unit="case", disable=None)
@@ -173,12 +329,12 @@ def _execute(todo: list[dict], out: Path, factor: int, workers: int, on_done) ->
     with progress:
         if workers == 1:
             for job in todo:
-                settle(job, lambda job=job: _run_job(job, str(out), factor))
+                settle(job, lambda job=job: _run_job(job, str(out), *method))
             return failures
         context = multiprocessing.get_context("spawn")
         pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context)
         try:
-            futures = {pool.submit(_run_job, job, str(out), factor): job for job in todo}
+            futures = {pool.submit(_run_job, job, str(out), *method): job for job in todo}
             for future in concurrent.futures.as_completed(futures):
                 settle(futures[future], future.result)
         finally:
@@ -211,11 +367,19 @@ def _write_dataset_json(src: Path, out: Path, records: list[dict]) -> None:
     _write_json(out / "dataset.json", content)
 
 
-def _summary(src: Path, out: Path, factor: int, records: list[dict], written: int) -> str:
+def _summary(
+    src: Path, out: Path, method: tuple[int, list[float] | None], records: list[dict], written: int
+) -> str:
     n_train = sum(r["split"] == "training" for r in records)
+    factor, spacing = method
+    how = (
+        f"every axis reduced by {factor}"
+        if spacing is None
+        else f"resampled to {_show_spacing(spacing)} (x, y, z in RAS order)"
+    )
     text = (
         f"prepared {len(records)} cases ({n_train} training with labels, "
-        f"{len(records) - n_train} test) from {src} into {out}, every axis reduced by {factor}: "
+        f"{len(records) - n_train} test) from {src} into {out}, {how}: "
         f"{written} written now, {len(records) - written} already finished and skipped."
     )
     if records:
@@ -242,22 +406,54 @@ def _times(values, spec: str = "d") -> str:
     return " x ".join(format(v, spec) for v in values)
 
 
+def _checked_method(
+    factor: int | None, spacing_mm: Sequence[float] | None
+) -> tuple[int, list[float] | None]:
+    """``(factor, spacing_mm)`` to prepare with: a factor (default 2) or a spacing, not both."""
+    if spacing_mm is None:
+        factor = 2 if factor is None else factor
+        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+            raise LiversegError(f"--factor: expected an integer >= 1, found {factor!r}.")
+        return factor, None
+    if factor is not None:
+        raise LiversegError(
+            f"--factor {factor} and --spacing {spacing_mm} exclude each other: a target spacing "
+            "replaces the reduction factor (as data.spacing_mm does data.factor). Give one."
+        )
+    problem = _spacing_problem(spacing_mm)
+    if problem is not None:
+        raise LiversegError(
+            f"--spacing: {problem} (mm, x y z in RAS order, as data.spacing_mm), found "
+            f"{spacing_mm!r}; e.g. --spacing 0.8 0.8 2.5."
+        )
+    return 1, [float(v) for v in spacing_mm]
+
+
 def prepare_dataset(
-    src_dir: str | Path, out_dir: str | Path, factor: int = 2, workers: int | None = None
+    src_dir: str | Path,
+    out_dir: str | Path,
+    factor: int | None = None,
+    workers: int | None = None,
+    spacing_mm: Sequence[float] | None = None,
 ) -> str:
-    """Reduce every case of a Task03 folder by ``factor`` along every axis (resumable).
+    """Reduce every case of a Task03 folder by ``factor``, or resample it to ``spacing_mm``.
 
     Writes ``imagesTr``, ``labelsTr``, ``imagesTs``, ``dataset.json`` and ``prepare.json`` to
     ``out_dir``. A rerun skips cases whose record and outputs exist and whose source files are
-    unchanged; a case interrupted mid-write is redone.
+    unchanged; a case interrupted mid-write is redone. A folder is resumed only with the factor
+    or spacing it was started with.
 
     Args:
         src_dir: Task03 folder (imagesTr, labelsTr, optional imagesTs and dataset.json).
         out_dir: Destination folder; must differ from ``src_dir``.
-        factor: Integer reduction factor per axis (2 halves).
+        factor: Integer reduction factor per axis (2 halves); default 2 unless ``spacing_mm``.
         workers: Processes; default ``os.cpu_count()``; 1 runs in this process. Each holds one
-            case (roughly twice its stored size plus ~150 MB), so lower it where memory is short.
+            case (with ``factor``, roughly twice its stored size plus ~150 MB; with
+            ``spacing_mm``, a few float32 copies of it), so lower it where memory is short.
             Workers are spawned: a script calling this needs ``if __name__ == "__main__":``.
+        spacing_mm: Target spacing, mm per canonical RAS axis (x, y, z), as ``data.spacing_mm``:
+            every case resampled by :func:`resample_case`, recorded with factor 1. Excludes
+            ``factor``.
 
     Returns:
         A one-paragraph summary for the user.
@@ -268,8 +464,7 @@ def prepare_dataset(
         UnwritableError: ``out_dir`` cannot be created or written (checked before any case).
     """
     src, out = Path(src_dir), Path(out_dir)
-    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
-        raise LiversegError(f"--factor: expected an integer >= 1, found {factor!r}.")
+    method = _checked_method(factor, spacing_mm)
     if workers is not None and workers < 1:
         raise LiversegError(f"--workers: expected an integer >= 1, found {workers}.")
     if out.resolve() == src.resolve():
@@ -280,7 +475,7 @@ def prepare_dataset(
     check_writable_dir(out, "OUT_DIR")
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files([out / folder for folder in ("imagesTr", "labelsTr", "imagesTs")])
-    record = _open_record(out, src, factor)
+    record = _open_record(out, src, *method)
     todo = [job for job in jobs if not _is_finished(job, record["cases"].get(job["case_id"]), out)]
     for job in todo:
         record["cases"].pop(job["case_id"], None)
@@ -292,7 +487,7 @@ def prepare_dataset(
         _write_json(out / RECORD_NAME, record)
 
     n_workers = max(1, min(workers or os.cpu_count() or 1, len(todo)))
-    failures = _execute(todo, out, factor, n_workers, on_done) if todo else []
+    failures = _execute(todo, out, method, n_workers, on_done) if todo else []
     done = [record["cases"][job["case_id"]] for job in jobs if job["case_id"] in record["cases"]]
     _write_dataset_json(src, out, done)
     if failures:
@@ -301,4 +496,69 @@ def prepare_dataset(
             "fix or remove the files below and rerun, finished cases are skipped):\n  "
             + "\n  ".join(failures)
         )
-    return _summary(src, out, factor, done, written=len(todo))
+    return _summary(src, out, method, done, written=len(todo))
+
+
+def check_prepared_for_training(
+    root: str | Path, factor: int, spacing_mm: Sequence[float] | None
+) -> None:
+    """Refuse ``data.factor`` / ``data.spacing_mm`` that do not fit a root prepared at a spacing.
+
+    A root written by ``liverseg prepare --spacing S`` holds scans at ``S``; the checkpoint must
+    say so, or inference would predict original scans at their own spacing (or reduce them by
+    ``data.factor``) while the model learned ``S``. So:
+
+    - ``spacing_mm`` equal to ``S`` (1% per axis): fine, the cache's resampling has nothing to
+      do (logged);
+    - ``spacing_mm`` coarser than or equal to ``S`` on every axis: resampled a second time in the
+      cache (a warning);
+    - ``spacing_mm`` null, or finer than ``S`` on an axis (detail that ``prepare`` removed, and
+      that the scans inference resamples from the originals still have): refused.
+
+    A root without ``prepare.json``, or prepared with a factor, is not checked.
+
+    Args:
+        root: ``data.root``.
+        factor: ``data.factor``.
+        spacing_mm: ``data.spacing_mm`` (mm, RAS order) or None.
+
+    Raises:
+        DataError: The combination is refused, or ``prepare.json`` is unreadable; names the file
+            and the fix.
+    """
+    root = Path(root)
+    path = root / RECORD_NAME
+    if not path.is_file():
+        return
+    prepared = load_prepare_record(root)["spacing_mm"]
+    if prepared is None:
+        return
+    shown = _show_spacing(prepared)
+    wanted = "[" + ",".join(f"{v:g}" for v in prepared) + "]"
+    if spacing_mm is None:
+        raise DataError(
+            f"{path}: {root} was resampled to {shown} by `liverseg prepare --spacing`, but "
+            f"data.spacing_mm is null (data.factor={factor}): the checkpoint would not tell "
+            f"inference to resample scans to {shown}. Set data.spacing_mm={wanted} "
+            "data.factor=1."
+        )
+    if all(abs(t - s) <= SPACING_RTOL * s for t, s in zip(spacing_mm, prepared)):
+        logger.info("%s: %s is already at data.spacing_mm (%s)", path, root, shown)
+        return
+    if all(t >= s * (1 - SPACING_RTOL) for t, s in zip(spacing_mm, prepared)):
+        logger.warning(
+            "%s: %s was resampled to %s by `liverseg prepare`; the cache resamples it again to "
+            "data.spacing_mm=%s. Prepare the originals at that spacing to resample them once.",
+            path,
+            root,
+            shown,
+            _show_spacing(spacing_mm),
+        )
+        return
+    raise DataError(
+        f"{path}: {root} was resampled to {shown} by `liverseg prepare --spacing`, coarser on "
+        f"some axis than data.spacing_mm={_show_spacing(spacing_mm)}: the model would learn "
+        "from blurrier scans than the originals that inference resamples to that spacing. "
+        f"Set data.spacing_mm={wanted}, or prepare the originals again with "
+        "`liverseg prepare SRC_DIR OUT_DIR --spacing X Y Z` at the spacing you want."
+    )

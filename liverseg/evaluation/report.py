@@ -24,6 +24,7 @@ from liverseg.constants import BACKGROUND, LIVER, TUMOR
 from liverseg.errors import DataError
 from liverseg.evaluation.lesions import lesions
 from liverseg.evaluation.metrics import bounding_box
+from liverseg.evaluation.qc import mean_entropy, summary_text
 from liverseg.geometry import (
     axial_axis,
     axial_diameters,
@@ -48,6 +49,7 @@ def lesion_table(
     affine: np.ndarray,
     image_hu: np.ndarray | None = None,
     min_tumor_mm3: float = 10.0,
+    regions: np.ndarray | None = None,
 ) -> list[dict]:
     """One row per tumor lesion, largest first.
 
@@ -57,14 +59,19 @@ def lesion_table(
         affine: 4 x 4 voxel-to-scanner matrix of ``labels``, mm.
         image_hu: CT in HU, the labels' shape, or None.
         min_tumor_mm3: Tumor components smaller than this are not lesions.
+        regions: uint8 ``(2, W, H, D)`` region probabilities ``round(255 p)`` (liver incl.
+            tumor, tumor; :func:`liverseg.inference.volume.predict_volume` with
+            ``keep_regions=True``), or None.
 
     Returns:
         Dicts with ``lesion`` (1 = largest), ``voxels``, ``volume_ml``, ``long_axis_mm``,
         ``short_axis_mm``, ``axial_slice`` (index along the axial axis of the slice where the
         lesion is largest, in which the axes are measured), ``centroid_mm`` (scanner
-        coordinates ``[x, y, z]``) and ``mean_hu`` (None without an image).
+        coordinates ``[x, y, z]``), ``mean_hu`` (None without an image), ``confidence`` (the
+        mean tumor probability over the lesion, 0-1) and ``entropy`` (its mean binary entropy,
+        bits; both None without ``regions``).
     """
-    return _lesion_rows(labels, affine, image_hu, min_tumor_mm3)[0]
+    return _lesion_rows(labels, affine, image_hu, min_tumor_mm3, regions)[0]
 
 
 def case_report(
@@ -73,6 +80,7 @@ def case_report(
     image_hu: np.ndarray | None = None,
     min_tumor_mm3: float = 10.0,
     case_id: str | None = None,
+    regions: np.ndarray | None = None,
 ) -> dict:
     """Liver and tumor volumes, tumor burden and the lesion table of one case, JSON-serialisable.
 
@@ -83,6 +91,8 @@ def case_report(
         min_tumor_mm3: Tumor components smaller than this are not counted as lesions (their
             voxels still count in the tumor burden).
         case_id: Name to put in the report.
+        regions: uint8 region probabilities (see :func:`lesion_table`), or None: the lesions'
+            ``confidence`` and ``entropy``.
 
     Returns:
         A dict of plain Python values; undefined numbers (tumor/liver ratio without liver) are
@@ -96,7 +106,7 @@ def case_report(
     tumor_voxels = int(np.count_nonzero(labels == TUMOR))
     liver_incl_ml = (liver_voxels + tumor_voxels) * voxel_mm3 / 1000.0
     tumor_ml = tumor_voxels * voxel_mm3 / 1000.0
-    rows, small = _lesion_rows(labels, affine, image_hu, min_tumor_mm3)
+    rows, small = _lesion_rows(labels, affine, image_hu, min_tumor_mm3, regions)
     trusted = spacing_is_trustworthy(affine)
     warnings = [] if trusted else [UNTRUSTED_SPACING_WARNING]
     if tumor_voxels and liver_voxels == 0:
@@ -130,6 +140,7 @@ def format_report(report: dict) -> str:
         f"case: {report['case_id'] or '(unnamed)'}",
         DISCLAIMER,
         *(f"WARNING: {warning}" for warning in report["warnings"]),
+        *(["quality control: " + summary_text(report["qc"])] if report.get("qc") else []),
         "voxel size: " + " x ".join(f"{s:.3g}" for s in report["spacing_mm"]) + " mm",
         f"liver volume (incl. tumor): {report['liver_volume_ml']:.1f} mL",
         f"liver parenchyma (excl. tumor): {report['liver_parenchyma_volume_ml']:.1f} mL",
@@ -140,6 +151,8 @@ def format_report(report: dict) -> str:
     ]
     for row in report["lesions"]:
         hu = "" if row["mean_hu"] is None else f", mean {row['mean_hu']:.0f} HU"
+        if row.get("confidence") is not None:
+            hu += f", confidence {row['confidence']:.2f}"
         centroid = ", ".join(f"{c:.1f}" for c in row["centroid_mm"])
         lines.append(
             f"  lesion {row['lesion']}: {row['volume_ml']:.2f} mL, "
@@ -150,7 +163,11 @@ def format_report(report: dict) -> str:
 
 
 def _lesion_rows(
-    labels: np.ndarray, affine: np.ndarray, image_hu: np.ndarray | None, min_tumor_mm3: float
+    labels: np.ndarray,
+    affine: np.ndarray,
+    image_hu: np.ndarray | None,
+    min_tumor_mm3: float,
+    regions: np.ndarray | None = None,
 ) -> tuple[list[dict], int]:
     """The lesion table and the number of tumor components below ``min_tumor_mm3``."""
     labels = _as_labels(labels)
@@ -164,6 +181,13 @@ def _lesion_rows(
                 f"CT shape {image_hu.shape} differs from label shape {labels.shape}; "
                 "pass the CT the labels were drawn on"
             )
+    tumor_probability = None
+    if regions is not None:
+        if regions.shape != (2, *labels.shape):
+            raise DataError(
+                f"region probabilities {regions.shape} do not match label shape {labels.shape}"
+            )
+        tumor_probability = regions[1]
     voxel_mm3 = voxel_volume_mm3(affine)
     tumor = labels == TUMOR
     if not tumor.any():
@@ -178,7 +202,11 @@ def _lesion_rows(
         if region is None or not keep[index]:
             continue
         crop_region = tuple(slice(s.start + o, s.stop + o) for s, o in zip(region, offset))
-        rows.append(_lesion_row(labeled[region] == index, crop_region, affine, image_hu, voxel_mm3))
+        rows.append(
+            _lesion_row(
+                labeled[region] == index, crop_region, affine, image_hu, tumor_probability, voxel_mm3
+            )
+        )
     rows.sort(key=lambda row: -row["voxels"])
     for number, row in enumerate(rows, start=1):
         row["lesion"] = number
@@ -190,6 +218,7 @@ def _lesion_row(
     region: tuple[slice, ...],
     affine: np.ndarray,
     image_hu: np.ndarray | None,
+    tumor_probability: np.ndarray | None,
     voxel_mm3: float,
 ) -> dict:
     """Measure one lesion, given as a mask cropped to its bounding box ``region``."""
@@ -200,6 +229,11 @@ def _lesion_row(
     axis = axial_axis(affine)
     long_mm, short_mm, largest = axial_diameters(lesion, affine)
     mean_hu = None if image_hu is None else float(image_hu[region][lesion].mean())
+    confidence = entropy = None
+    if tumor_probability is not None:
+        quantised = tumor_probability[region][lesion]
+        confidence = float(quantised.mean() / 255.0)
+        entropy = mean_entropy(tumor_probability[region], lesion)
     return {
         "lesion": 0,
         "voxels": voxels,
@@ -209,6 +243,8 @@ def _lesion_row(
         "axial_slice": largest + int(offset[axis]),
         "centroid_mm": [float(c) for c in centroid_mm],
         "mean_hu": mean_hu,
+        "confidence": confidence,
+        "entropy": entropy,
     }
 
 

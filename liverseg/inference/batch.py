@@ -2,7 +2,9 @@
 
 For each input case ``<id>`` the output folder receives ``<id>_seg.nii.gz`` (uint8 labels in the
 input's shape and affine), ``<id>_report.json`` (:func:`liverseg.evaluation.report.case_report`,
-with the input's HU and the checkpoints that made it) and a row of ``summary.csv``. Several
+with the input's HU, the lesions' confidences, the checkpoints that made it and a ``qc`` block,
+:func:`liverseg.evaluation.qc.case_qc`) and a row of ``summary.csv`` (its ``qc`` column: ``ok``
+or ``review: <reasons>``). Several
 checkpoints make an ensemble whose probabilities are averaged
 (:func:`liverseg.checkpoints.load_models`). Everything is written to a temporary name
 first, then renamed. One bad input is reported and skipped; the others are still processed.
@@ -38,6 +40,7 @@ import torch
 
 from liverseg.checkpoints import load_models
 from liverseg.data.prepare import RECORD_NAME, load_prepare_record
+from liverseg.evaluation.qc import QcThresholds, case_qc, summary_text
 from liverseg.evaluation.report import case_report
 from liverseg.inference.settings import InferenceSettings
 from liverseg.inference.volume import predict_volume
@@ -56,6 +59,8 @@ log = logging.getLogger(__name__)
 # Folders of a Task03 root searched for inputs, in order.
 TASK03_IMAGE_FOLDERS = ("imagesTs", "imagesTr")
 SUMMARY_NAME = "summary.csv"
+# ``qc``: the report's quality control, ``ok`` or ``review: reason; reason``
+# (:func:`liverseg.evaluation.qc.summary_text`).
 # ``checkpoints``: the checkpoint files that made the row, joined by " | " (several: an
 # ensemble). ``warnings``: the report's warnings joined by " | " (empty when there are none);
 # last, so the columns before it keep their places and a long warning does not push them apart.
@@ -66,6 +71,7 @@ SUMMARY_COLUMNS = (
     "lesions",
     "seconds",
     "status",
+    "qc",
     "input",
     "checkpoints",
     "warnings",
@@ -138,6 +144,7 @@ def predict_paths(
     tta_flips: int | None = None,
     skip_air_windows: bool | None = None,
     series_uid: str | None = None,
+    qc: QcThresholds | None = None,
 ) -> list[Failure]:
     """Segment every input and write segmentations, reports and ``summary.csv`` to ``out_dir``.
 
@@ -161,6 +168,8 @@ def predict_paths(
             checkpoint's ``inference.skip_air_windows``.
         series_uid: The ``SeriesInstanceUID`` read from each DICOM folder (a folder without
             it fails); None: each folder's CT series with the most slices.
+        qc: When each report's quality control (``qc`` block, ``qc`` column) asks for review
+            (:class:`liverseg.evaluation.qc.QcThresholds`); None: the defaults.
 
     Returns:
         ``(input path, message)`` per input that failed; empty when all succeeded.
@@ -209,7 +218,7 @@ def predict_paths(
                 settings.spacing_mm is None and _already_reduced(path, settings.factor)
             )
             report = predict_case(
-                models, path, name, outputs, settings, prepared=reduced, series_uid=series_uid
+                models, path, name, outputs, settings, reduced, series_uid, qc
             )
         except Exception as exc:  # one bad case must not stop the others
             log.debug("prediction of %s failed", path, exc_info=True)
@@ -226,6 +235,7 @@ def predict_paths(
                 lesions=report["lesion_count"],
                 seconds=f"{time.perf_counter() - start:.2f}",
                 status="ok",
+                qc=summary_text(report["qc"]),
                 checkpoints=used,
                 warnings=WARNING_SEPARATOR.join(report["warnings"]),
             )
@@ -282,6 +292,7 @@ def predict_case(
     settings: InferenceSettings,
     prepared: bool = False,
     series_uid: str | None = None,
+    qc: QcThresholds | None = None,
 ) -> dict:
     """Predict one CT file or DICOM folder and write its segmentation and report; return it.
 
@@ -296,6 +307,7 @@ def predict_case(
         prepared: ``path`` was already reduced by ``liverseg prepare``.
         series_uid: For a DICOM folder, the series to read (None: the CT series with the most
             slices).
+        qc: When the report's quality control asks for review (None: the defaults).
 
     Raises:
         DataError: ``path`` cannot be read or segmented (NaN/Inf or int8 voxels); implausible
@@ -304,13 +316,24 @@ def predict_case(
     hu, affine = read_volume(path, series_uid=series_uid)
     image = nib.Nifti1Image(hu, affine)
     image.set_filename(str(path))  # only so that predict_volume's log lines name the file
-    prediction = predict_volume(model, image, settings, prepared=prepared, progress=True)
+    prediction = predict_volume(
+        model, image, settings, prepared=prepared, progress=True, keep_regions=True
+    )
     report = case_report(
         prediction.labels,
         affine,
         image_hu=hu,
         min_tumor_mm3=settings.min_lesion_mm3,
         case_id=case_id,
+        regions=prediction.regions,
+    )
+    report["qc"] = case_qc(
+        prediction.labels,
+        affine,
+        prediction.regions,
+        prediction.warnings,
+        qc or QcThresholds(),
+        report["lesions"],
     )
     report["warnings"] = [*prediction.warnings, *report["warnings"]]
     report["input"] = str(path)

@@ -5,6 +5,10 @@ integer reduction: :func:`block_centres`) and of :func:`liverseg.resampling.resa
 target spacing: :func:`liverseg.resampling.grid_centres`): linear interpolation between the
 centres of the predicted grid's voxels, slab by slab, so the float32 full-resolution
 probabilities never exist for more than a few slices at a time.
+
+Quality control (:mod:`liverseg.evaluation.qc`) reads the probabilities of the two nested
+regions on the input grid; they are kept as uint8, ``round(255 p)``: one byte per voxel and
+region (a quarter of float32), 1/510 from the float value at most.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from liverseg.labels import to_labels
+from liverseg.labels import region_probabilities, to_labels
 
 # Output slices interpolated and decoded at a time on another grid: bounds the
 # float32 memory of the full-resolution probabilities to a few slices.
@@ -27,7 +31,8 @@ def upsample_and_decode(
     head: str,
     keep: bool,
     centres: Sequence[np.ndarray] | None = None,
-) -> tuple[np.ndarray, np.ndarray | None]:
+    regions: bool = False,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Labels (and optionally probabilities) on the input grid from probabilities on another.
 
     Args:
@@ -39,16 +44,20 @@ def upsample_and_decode(
         centres: Per axis, the input index coordinates of the predicted grid's voxel centres
             (increasing; :func:`block_centres` or :func:`liverseg.resampling.grid_centres`).
             None: the probabilities are on the input grid already and are decoded as they are.
+        regions: Also return the two region probabilities on the input grid, quantised.
 
     Returns:
-        ``(labels, full)``: uint8 labels of ``shape``, and float32 ``(C, W, H, D)`` probabilities
-        when ``keep``, else None.
+        ``(labels, full, quantised)``: uint8 labels of ``shape``; float32 ``(C, W, H, D)``
+        probabilities when ``keep``, else None; uint8 ``(2, W, H, D)`` region probabilities
+        (liver incl. tumor, tumor; :func:`quantise`) when ``regions``, else None.
     """
     if centres is None:
         labels = to_labels(probabilities, head).numpy()
-        return labels, probabilities.numpy() if keep else None
+        quantised = quantise(region_probabilities(probabilities, head)) if regions else None
+        return labels, probabilities.numpy() if keep else None, quantised
     labels = np.empty(shape, dtype=np.uint8)
     full = np.empty((probabilities.shape[0], *shape), dtype=np.float32) if keep else None
+    quantised = np.empty((2, *shape), dtype=np.uint8) if regions else None
     along = [_linear_weights(n, c) for n, c in zip(shape, centres)]
     for z0 in range(0, shape[2], _SLAB):
         z1 = min(z0 + _SLAB, shape[2])
@@ -58,7 +67,14 @@ def upsample_and_decode(
         labels[:, :, z0:z1] = to_labels(slab, head).numpy()
         if full is not None:
             full[..., z0:z1] = slab.numpy()
-    return labels, full
+        if quantised is not None:
+            quantised[..., z0:z1] = quantise(region_probabilities(slab, head))
+    return labels, full, quantised
+
+
+def quantise(probabilities: torch.Tensor) -> np.ndarray:
+    """Probabilities in [0, 1] as uint8 ``round(255 p)`` (read back as ``q / 255``)."""
+    return (probabilities.clamp(0, 1) * 255).round_().to(torch.uint8).numpy()
 
 
 def block_centres(n: int, factor: int) -> np.ndarray:

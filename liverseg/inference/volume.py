@@ -70,6 +70,9 @@ class Prediction:
             air or no tissue: :func:`liverseg.data.intensities.check_ct_values`); empty if none.
         skipped_share: Fraction of the sliding windows over the whole volume that were not run
             because they held only air (``settings.skip_air_windows``); 0.0 when none was.
+        regions: uint8 ``(2, W, H, D)``: the probabilities of the liver region (incl. tumor) and
+            of the tumor region, ``round(255 p)``, before post-processing; only when asked for
+            (``keep_regions=True``; what :func:`liverseg.evaluation.qc.case_qc` reads).
     """
 
     labels: np.ndarray
@@ -77,6 +80,7 @@ class Prediction:
     probabilities: np.ndarray | None = field(default=None, repr=False)
     warnings: list[str] = field(default_factory=list)
     skipped_share: float = 0.0
+    regions: np.ndarray | None = field(default=None, repr=False)
 
 
 def predict_volume(
@@ -88,6 +92,7 @@ def predict_volume(
     device: str | torch.device | None = None,
     progress: bool = False,
     keep_probabilities: bool = False,
+    keep_regions: bool = False,
 ) -> Prediction:
     """Segment a whole CT volume in its own geometry.
 
@@ -109,6 +114,8 @@ def predict_volume(
         progress: Show a tqdm bar over patches.
         keep_probabilities: Also return the probabilities on the input grid (float32, C times
             the volume's voxels: large).
+        keep_regions: Also return the two region probabilities on the input grid as uint8 (two
+            bytes per voxel), for quality control and lesion confidences.
 
     Returns:
         The prediction; ``labels`` has the input's shape and ``affine`` is the input's.
@@ -139,8 +146,8 @@ def predict_volume(
         blended = _sliding_window(
             models, reduced, reduced_affine, settings, device, dtype, channels_last, progress
         )
-    labels, full_probabilities = upsample_and_decode(
-        blended.probabilities, hu.shape, settings.head, keep_probabilities, centres
+    labels, full_probabilities, regions = upsample_and_decode(
+        blended.probabilities, hu.shape, settings.head, keep_probabilities, centres, keep_regions
     )
     if settings.postprocess is not None:
         labels = postprocess_labels(labels, spacing_mm(affine), settings.postprocess)
@@ -150,6 +157,7 @@ def predict_volume(
         probabilities=full_probabilities,
         warnings=warnings,
         skipped_share=blended.skipped_share,
+        regions=regions,
     )
 
 

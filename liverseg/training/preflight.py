@@ -16,6 +16,7 @@ from liverseg.checkpoints import load_checkpoint
 from liverseg.config import Config, diff_configs, to_dict
 from liverseg.data.cases import Case, find_cases
 from liverseg.data.checks import check_dataset
+from liverseg.data.prepare import check_prepared_for_training
 from liverseg.data.problems import raise_for_errors
 from liverseg.errors import CheckpointError, DataError, TrainingError
 from liverseg.writable import check_writable_dir
@@ -54,6 +55,7 @@ def find_training_cases(config: Config) -> list[Case]:
             f"with `liverseg prepare Task03_Liver {root}`, or point data.root=... at your copy. "
             "To try liverseg on synthetic data instead: python main.py --config configs/demo.yaml"
         )
+    check_prepared_for_training(root, config.data.factor, config.data.spacing_mm)
     cases = find_cases(root, split="training")
     if config.phantoms.cases > 0 and len(cases) != config.phantoms.cases:
         raise DataError(

@@ -1,15 +1,19 @@
-"""data.downsampling and data.prepare: halving a Task03 folder; geometry, tumors, resume, errors."""
+"""data.downsampling and data.prepare: halving a Task03 folder, or resampling it to a spacing."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
+from conftest import write_tiny_checkpoint
 
 from liverseg.cli import main
+from liverseg.config import load_config
 from liverseg.constants import BACKGROUND, LABEL_VALUES, LIVER, TUMOR
 from liverseg.data import prepare
 from liverseg.data.cases import find_cases
@@ -20,8 +24,19 @@ from liverseg.data.downsampling import (
     downsample_label,
     downsampled_affine,
 )
-from liverseg.data.prepare import load_prepare_record, prepare_dataset
-from liverseg.errors import DataError
+from liverseg.data.prepare import (
+    check_prepared_for_training,
+    load_prepare_record,
+    prepare_dataset,
+    resample_case,
+)
+from liverseg.errors import DataError, LiversegError
+from liverseg.geometry import spacing_mm
+from liverseg.inference.batch import predict_paths
+from liverseg.io import read_labels, read_volume
+from liverseg.resampling import resample_image, resample_labels, stored_target
+from liverseg.training.cache import preprocess_case
+from liverseg.training.preflight import find_training_cases
 
 RAS = np.array(
     [[0.8, 0, 0, -40.0], [0, 0.8, 0, 12.0], [0, 0, 2.5, -300.0], [0, 0, 0, 1]], dtype=float
@@ -183,21 +198,32 @@ def test_large_tumor_volume_is_kept_within_a_tenth():
         assert abs(after - before) <= 0.1 * before, (value, before, after)
 
 
-def test_label_values_outside_the_set_name_the_file(tmp_path):
+# The factor's and the spacing's case functions: (image, label, out_image, out_label) -> record.
+CASE_FUNCTIONS = pytest.mark.parametrize(
+    "prepare_case",
+    [lambda *paths: downsample_case(*paths, 2), lambda *paths: resample_case(*paths, SPACING)],
+    ids=["factor", "spacing"],
+)
+
+
+@CASE_FUNCTIONS
+def test_label_values_outside_the_set_name_the_file(tmp_path, prepare_case):
     image, label = _phantom()
     label[3, 3, 3] = 7
     src_image = _write(tmp_path / "ct.nii.gz", image, RAS)
     src_label = _write(tmp_path / "bad_seg.nii.gz", label, RAS)
     with pytest.raises(DataError, match=r"bad_seg\.nii\.gz.*\[7\]"):
-        downsample_case(src_image, src_label, tmp_path / "o.nii.gz", tmp_path / "s.nii.gz", 2)
+        prepare_case(src_image, src_label, tmp_path / "o.nii.gz", tmp_path / "s.nii.gz")
+    assert not (tmp_path / "s.nii.gz").exists()
 
 
-def test_label_shape_mismatch_names_both_files(tmp_path):
+@CASE_FUNCTIONS
+def test_label_shape_mismatch_names_both_files(tmp_path, prepare_case):
     image, label = _phantom()
     src_image = _write(tmp_path / "ct.nii.gz", image, RAS)
     src_label = _write(tmp_path / "seg.nii.gz", label[:, :, :-1], RAS)
     with pytest.raises(DataError, match=r"seg\.nii\.gz.*\(24, 20, 15\).*\(24, 20, 16\)"):
-        downsample_case(src_image, src_label, tmp_path / "o.nii.gz", tmp_path / "s.nii.gz", 2)
+        prepare_case(src_image, src_label, tmp_path / "o.nii.gz", tmp_path / "s.nii.gz")
 
 
 def test_label_affine_float_noise_takes_the_image_affine(tmp_path):
@@ -213,11 +239,12 @@ def test_label_affine_float_noise_takes_the_image_affine(tmp_path):
     np.testing.assert_allclose(record["original_label_affine"], noisy)
 
 
-def test_unreadable_image_names_the_file(tmp_path):
+@CASE_FUNCTIONS
+def test_unreadable_image_names_the_file(tmp_path, prepare_case):
     bad = tmp_path / "liver_9.nii.gz"
     bad.write_bytes(b"\x00\x05\x16\x07 AppleDouble junk")
     with pytest.raises(DataError, match=r"liver_9\.nii\.gz: cannot read it as a NIfTI"):
-        downsample_case(bad, None, tmp_path / "o.nii.gz", None, 2)
+        prepare_case(bad, None, tmp_path / "o.nii.gz", None)
     assert not (tmp_path / "o.nii.gz").exists()
 
 
@@ -384,7 +411,7 @@ def test_unreadable_case_is_named_and_the_others_are_written(tmp_path, capsys):
 def test_resume_with_another_factor_is_refused(tmp_path):
     src, out = _task03(tmp_path / "src", n_train=1, n_test=0), tmp_path / "out"
     prepare_dataset(src, out, workers=1)
-    with pytest.raises(DataError, match="prepared with factor 2, this run asks for 3"):
+    with pytest.raises(DataError, match="prepared with factor 2, this run asks for factor 3"):
         prepare_dataset(src, out, factor=3, workers=1)
     with pytest.raises(DataError, match="OUT_DIR is SRC_DIR"):
         prepare_dataset(src, src, workers=1)
@@ -393,3 +420,244 @@ def test_resume_with_another_factor_is_refused(tmp_path):
 def test_missing_prepare_record_is_explained(tmp_path):
     with pytest.raises(DataError, match="prepare.json: not found"):
         load_prepare_record(tmp_path)
+
+
+# --- at a target spacing (`--spacing`) ----------------------------------------------------------
+
+# mm, RAS order. The LPS cases (0.7 x 0.7 x 3 mm, 24 x 20 x 16) land on it exactly (12 x 10 x 12
+# voxels); the RAS ones (0.8 x 0.8 x 2.5 mm) only up to rounding: 14 x 11 x 10 voxels of
+# 1.37 x 1.45 x 4 mm, more than 1% off in-plane.
+SPACING = (1.4, 1.4, 4.0)
+SPACED_SHAPES = {"RAS": (14, 11, 10), "LPS": (12, 10, 12)}
+CACHE_SETTINGS = {
+    "hu_min": -150.0,
+    "hu_max": 250.0,
+    "shape": [8, 8, 8],
+    "min_size": 8,
+    "affine_tolerance_mm": 0.01,
+    "copy_label_geometry": False,
+}
+
+
+def _count_resamplings(monkeypatch) -> list[str]:
+    calls = []
+
+    def counting(image_path, *args, **kwargs):
+        calls.append(Path(image_path).name)
+        return resample_case(image_path, *args, **kwargs)
+
+    monkeypatch.setattr(prepare, "resample_case", counting)
+    return calls
+
+
+def test_cli_prepare_at_a_spacing_resamples_as_the_cache_does(tmp_path, capsys):
+    src, out = _task03(tmp_path / "src"), tmp_path / "spaced"
+    argv = ["prepare", str(src), str(out), "--spacing", "1.4", "1.4", "4", "--workers", "1"]
+    assert main(argv) == 0
+    assert "resampled to 1.4 x 1.4 x 4 mm (x, y, z in RAS order)" in capsys.readouterr().out
+    record = load_prepare_record(out)
+    assert record["factor"] == 1 and record["spacing_mm"] == list(SPACING)
+    assert json.loads((out / "dataset.json").read_text())["numTraining"] == 3
+    for case in find_cases(out, split="training") + find_cases(out, split="test"):
+        entry = record["cases"][case.case_id]
+        stored_as = "RAS" if int(case.case_id.split("_")[1]) % 2 == 0 else "LPS"
+        source_affine = RAS if stored_as == "RAS" else LPS
+        image = nib.load(case.image)
+        assert image.shape == tuple(entry["new_shape"]) == SPACED_SHAPES[stored_as]
+        assert image.get_data_dtype() == np.int16
+        assert nib.aff2axcodes(image.affine) == nib.aff2axcodes(source_affine)
+        # The field of view is kept: the volume's centre stays where it was, in mm.
+        np.testing.assert_allclose(
+            _centre_mm(image.affine, image.shape), _centre_mm(source_affine, (24, 20, 16)),
+            atol=1e-3,
+        )  # fmt: skip
+        # The same resampling as the training cache and inference, in the stored axis order.
+        hu, affine = read_volume(entry["source_image"]["path"])
+        target = stored_target(affine, SPACING)
+        expected, expected_affine = resample_image(hu, affine, target)
+        np.testing.assert_array_equal(image.get_fdata(), np.rint(expected))
+        np.testing.assert_allclose(image.affine, expected_affine, atol=1e-4)
+        if case.label is None:
+            assert entry["label"] is None
+            continue
+        labels, _ = read_labels(entry["source_label"]["path"])
+        expected_labels, _ = resample_labels(labels, affine, target)
+        label = nib.load(case.label)
+        assert label.get_data_dtype() == np.uint8
+        np.testing.assert_array_equal(np.asanyarray(label.dataobj), expected_labels)
+        np.testing.assert_array_equal(label.affine, image.affine)
+        assert (expected_labels == TUMOR).any()
+
+
+def test_a_case_stored_slices_first_gets_each_axis_its_ras_target(tmp_path):
+    # Stored axes (z, x, y): stored axis 0 is the 2.5 mm slice axis, whose target is RAS z's.
+    affine = np.array([[0, 0.8, 0, -40.0], [0, 0, 0.8, 12.0], [2.5, 0, 0, -300.0], [0, 0, 0, 1]])
+    image, label = _phantom(shape=(16, 24, 20))
+    src_image = _write(tmp_path / "ct.nii.gz", image, affine)
+    src_label = _write(tmp_path / "seg.nii.gz", label, affine)
+    record = resample_case(
+        src_image, src_label, tmp_path / "o.nii.gz", tmp_path / "s.nii.gz", SPACING
+    )
+    out = nib.load(tmp_path / "o.nii.gz")
+    assert out.shape == nib.load(tmp_path / "s.nii.gz").shape == (10, 14, 11)
+    assert record["new_shape"] == [10, 14, 11] and record["spacing_mm"] == list(SPACING)
+    np.testing.assert_allclose(nib.affines.voxel_sizes(out.affine), [4.0, 19.2 / 14, 16 / 11])
+    assert nib.aff2axcodes(out.affine) == nib.aff2axcodes(affine)
+
+
+def test_training_cache_at_the_prepared_spacing_resamples_nothing(tmp_path):
+    src, out = _task03(tmp_path / "src", n_train=2, n_test=0), tmp_path / "spaced"
+    prepare_dataset(src, out, spacing_mm=SPACING, workers=1)
+    for case in find_cases(out, split="training"):  # liver_0: RAS, liver_1: LPS
+        at_spacing = preprocess_case(
+            case, tmp_path / "cache_a", {**CACHE_SETTINGS, "spacing_mm": list(SPACING)}
+        )
+        as_stored = preprocess_case(case, tmp_path / "cache_b", CACHE_SETTINGS)
+        np.testing.assert_array_equal(np.load(at_spacing.image), np.load(as_stored.image))
+        np.testing.assert_array_equal(np.load(at_spacing.label), np.load(as_stored.label))
+        assert at_spacing.spacing_mm == as_stored.spacing_mm
+
+
+def test_a_rounding_tie_is_not_resampled_again_in_the_cache(tmp_path):
+    image, label = _phantom(shape=(24, 20, 25))
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    _write(tmp_path / "src" / "imagesTr" / "liver_0.nii.gz", image, affine)
+    _write(tmp_path / "src" / "labelsTr" / "liver_0.nii.gz", label, affine)
+    out = tmp_path / "spaced"
+    prepare_dataset(tmp_path / "src", out, spacing_mm=(0.8, 0.8, 5.0), workers=1)
+    (case,) = find_cases(out, split="training")
+    prepared = nib.load(case.image)
+    assert prepared.shape == (24, 20, 12)  # 25 * 2.5 / 5 = 12.5 slices, rounded to even
+    cached = preprocess_case(
+        case, tmp_path / "cache", {**CACHE_SETTINGS, "spacing_mm": [0.8, 0.8, 5.0]}
+    )
+    assert cached.spacing_mm == pytest.approx(spacing_mm(prepared.affine))
+
+
+def test_resume_at_a_spacing_skips_finished_cases_and_refuses_another_method(tmp_path, monkeypatch):
+    src, out = _task03(tmp_path / "src", n_train=2, n_test=0), tmp_path / "spaced"
+    prepare_dataset(src, out, spacing_mm=SPACING, workers=1)
+    (out / "imagesTr" / "liver_1.nii.gz").unlink()  # as if killed before writing it
+    calls = _count_resamplings(monkeypatch)
+    summary = prepare_dataset(src, out, spacing_mm=[1.4, 1.4, 4], workers=1)
+    assert calls == ["liver_1.nii.gz"] and "1 written now, 1 already finished" in summary
+    fresh = r"prepare\.json: .*Use the same --factor or --spacing to resume, or a fresh OUT_DIR"
+    with pytest.raises(DataError, match=fresh):
+        prepare_dataset(src, out, spacing_mm=(1.5, 1.5, 4.0), workers=1)
+    with pytest.raises(DataError, match="prepared with spacing 1.4 x 1.4 x 4 mm, this run asks "):
+        prepare_dataset(src, out, spacing_mm=(1.5, 1.5, 4.0), workers=1)
+    with pytest.raises(
+        DataError, match="with spacing 1.4 x 1.4 x 4 mm, this run asks for factor 2"
+    ):
+        prepare_dataset(src, out, workers=1)
+    prepare_dataset(src, tmp_path / "half", workers=1)
+    with pytest.raises(
+        DataError, match="with factor 2, this run asks for spacing 1.4 x 1.4 x 4 mm"
+    ):
+        prepare_dataset(src, tmp_path / "half", spacing_mm=SPACING, workers=1)
+    assert calls == ["liver_1.nii.gz"]
+
+
+@pytest.mark.parametrize(
+    ("spacing", "problem"),
+    [((1.4, 0.0, 4.0), "> 0 mm"), ((1.4, float("nan"), 4.0), "> 0 mm"), ((1.4, 4.0), "three")],
+    ids=["zero", "nan", "two_numbers"],
+)
+def test_a_bad_spacing_is_refused_before_any_work(tmp_path, spacing, problem):
+    src, out = _task03(tmp_path / "src", n_train=1, n_test=0), tmp_path / "spaced"
+    with pytest.raises(LiversegError, match=f"--spacing: .*{re.escape(problem)}"):
+        prepare_dataset(src, out, spacing_mm=spacing, workers=1)
+    with pytest.raises(LiversegError, match="--factor 2 and --spacing .* exclude each other"):
+        prepare_dataset(src, out, factor=2, spacing_mm=SPACING, workers=1)
+    assert not out.exists()
+
+
+def test_cli_factor_and_spacing_exclude_each_other(tmp_path, capsys):
+    src, out = _task03(tmp_path / "src", n_train=1, n_test=0), tmp_path / "spaced"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prepare", str(src), str(out), "--factor", "2", "--spacing", "1", "1", "2"])
+    assert exit_info.value.code == 2
+    assert "argument --spacing: not allowed with argument --factor" in capsys.readouterr().err
+    assert main(["prepare", str(src), str(out), "--spacing", "1.4", "-1", "4"]) == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+    assert "--spacing: each must be a finite number > 0 mm" in line
+    assert not out.exists()
+
+
+def test_a_record_without_spacing_loads_and_a_broken_one_is_named(tmp_path):
+    src, out = _task03(tmp_path / "src", n_train=1, n_test=0), tmp_path / "half"
+    prepare_dataset(src, out, workers=1)
+    record = json.loads((out / "prepare.json").read_text())
+    assert record["spacing_mm"] is None
+    del record["spacing_mm"]  # as written before --spacing existed
+    (out / "prepare.json").write_text(json.dumps(record))
+    assert load_prepare_record(out)["spacing_mm"] is None
+    assert "0 written now, 1 already finished" in prepare_dataset(src, out, workers=1)
+    check_prepared_for_training(out, 2, None)  # a factor folder: not this check's business
+    record["spacing_mm"] = [1.4, 0, "x"]
+    (out / "prepare.json").write_text(json.dumps(record))
+    with pytest.raises(DataError, match=r"half/prepare\.json: 'spacing_mm' is .*> 0 mm"):
+        load_prepare_record(out)
+
+
+def test_training_on_a_spaced_root_needs_data_spacing_mm_to_match(tmp_path, caplog):
+    src, out = _task03(tmp_path / "src", n_train=2, n_test=0), tmp_path / "spaced"
+    prepare_dataset(src, out, spacing_mm=SPACING, workers=1)
+
+    def training_cases(*overrides):
+        return find_training_cases(load_config(None, (f"data.root={out}", *overrides)))
+
+    for overrides in ((), ("data.factor=1",), ("data.factor=3",)):
+        with pytest.raises(DataError) as refused:
+            training_cases(*overrides)
+        message = str(refused.value)
+        assert (
+            message.startswith(f"{out / 'prepare.json'}: ") and "data.spacing_mm is null" in message
+        )
+    # The fix the message gives works, and the cache then has nothing to resample.
+    fix = re.search(r"data\.spacing_mm=\S+ data\.factor=1", message).group().split()
+    with caplog.at_level("INFO", logger="liverseg.data.prepare"):
+        assert [c.case_id for c in training_cases(*fix)] == ["liver_0", "liver_1"]
+    assert any("already at data.spacing_mm" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    training_cases("data.spacing_mm=[2,2,5]", "data.factor=1")  # coarser: resampled again
+    assert any(
+        r.levelname == "WARNING" and "resamples it again" in r.getMessage() for r in caplog.records
+    )
+    with pytest.raises(DataError, match=r"coarser on some axis than data\.spacing_mm=1\.4 x 1"):
+        training_cases("data.spacing_mm=[1.4,1.4,2]", "data.factor=1")
+
+
+def _spacing_checkpoint(path: Path, spacing) -> Path:
+    """An untrained tiny checkpoint of a model trained at ``spacing`` (data.factor 1)."""
+    write_tiny_checkpoint(path, factor=1)
+    state = torch.load(path, weights_only=True)
+    state["config"]["data"]["spacing_mm"] = list(spacing)
+    state["preprocessing"]["spacing_mm"] = list(spacing)
+    torch.save(state, path)
+    return path
+
+
+def test_a_spacing_model_predicts_prepared_files_on_their_own_grid(tmp_path, monkeypatch):
+    import liverseg.inference.volume
+
+    src, out = _task03(tmp_path / "src", n_train=1, n_test=1), tmp_path / "spaced"
+    prepare_dataset(src, out, spacing_mm=SPACING, workers=1)
+    checkpoint = _spacing_checkpoint(tmp_path / "best.pt", SPACING)
+    grids = []
+    real = liverseg.inference.volume.resample_image
+
+    def spy(volume, affine, target):
+        resampled, new_affine = real(volume, affine, target)
+        grids.append((volume.shape, resampled.shape))
+        return resampled, new_affine
+
+    monkeypatch.setattr(liverseg.inference.volume, "resample_image", spy)
+    inputs = [out / "imagesTr" / "liver_0.nii.gz", out / "imagesTs" / "liver_1.nii.gz"]
+    assert predict_paths(checkpoint, inputs, tmp_path / "preds", device="cpu") == []
+    # Resampled to the model's spacing, as every input is: the grid stays the prepared one.
+    assert grids == [(SPACED_SHAPES["RAS"],) * 2, (SPACED_SHAPES["LPS"],) * 2]
+    for path in inputs:
+        seg = nib.load(tmp_path / "preds" / path.name.replace(".nii.gz", "_seg.nii.gz"))
+        assert seg.shape == nib.load(path).shape
+        np.testing.assert_allclose(seg.affine, nib.load(path).affine, atol=1e-5)

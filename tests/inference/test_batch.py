@@ -277,5 +277,9 @@ def test_implausible_intensities_are_warned_in_report_and_summary(tmp_path, chec
         assert rows[name]["status"] == "ok"
         assert rows[name]["warnings"] == " | ".join(report["warnings"])
         assert rows[name]["warnings"].startswith(words)
+        # Implausible CT values are a reason for review, in the report and in summary.csv.
+        assert report["qc"]["status"] == "review"
+        assert any(r.startswith(f"CT values: {words}") for r in report["qc"]["reasons"])
+        assert rows[name]["qc"].startswith("review: ") and f"; CT values: {words}" in rows[name]["qc"]
     with (out / "summary.csv").open() as f:
-        assert f.readline().strip().endswith(",status,input,checkpoints,warnings")
+        assert f.readline().strip().endswith(",status,qc,input,checkpoints,warnings")

@@ -572,3 +572,25 @@ def test_inference_settings_refuse_an_infinite_window():
     # -inf < 250 passes the order check; scaling by an infinite width would give NaN everywhere.
     with pytest.raises(LiversegError, match=r"hu_min=-inf \(expected a finite number of HU\)"):
         InferenceSettings(hu_min=-math.inf, hu_max=250.0)
+
+
+@pytest.mark.parametrize("changes", [{}, {"factor": 2}, {"spacing_mm": (1.6, 1.6, 3.0)}])
+def test_kept_regions_are_the_quantised_region_probabilities(changes):
+    """keep_regions gives round(255 p) of the two regions on the input grid, whatever the grid."""
+    shape = (40, 36, 30)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"))
+    distance = np.sqrt(((grid - np.array(shape)[:, None, None, None] / 2) ** 2).sum(0))
+    volume = np.where(distance < 12, LIVER, BACKGROUND).astype(np.uint8)
+    volume[distance < 5] = TUMOR
+    settings = window(patch_size=16, postprocess=NO_POST, amp="off", **changes)
+    image = as_image(volume, np.diag([0.8, 0.8, 1.5, 1]))
+    prediction = predict_volume(
+        IdentityModel(), image, settings, keep_probabilities=True, keep_regions=True
+    )
+    assert prediction.regions.dtype == np.uint8 and prediction.regions.shape == (2, *shape)
+    expected = np.round(np.clip(prediction.probabilities, 0, 1) * 255)
+    assert np.abs(prediction.regions.astype(int) - expected).max() <= 1
+    # The liver region holds the tumor region, and the quantised maps say the same.
+    assert (prediction.regions[0][volume == TUMOR] >= 128).all()
+    assert (prediction.regions[1][distance > 14] < 128).all()
+    assert predict_volume(IdentityModel(), image, settings).regions is None

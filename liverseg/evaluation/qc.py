@@ -1,0 +1,217 @@
+"""Per-case quality control: should a reader trust this segmentation, or review it first?
+
+Ground truth is not needed: :func:`case_qc` reads the predicted labels, the probabilities the
+model gave the two nested regions (liver incl. tumor, tumor; uint8 ``round(255 p)`` from
+:func:`liverseg.inference.volume.predict_volume` with ``keep_regions=True``) and the affine, and
+gives ``status`` ``"ok"`` or ``"review"`` with the reasons. Two kinds of evidence:
+
+Uncertainty
+    The binary entropy (bits, 0 = certain, 1 = p of 0.5) of the liver-region probability,
+    averaged over the predicted liver (incl. tumor), and of the tumor-region probability,
+    averaged over the predicted tumor. An ensemble's or a mirrored (TTA) prediction averages
+    its members' probabilities first, so their disagreement raises it too. The thresholds are
+    set on phantoms with ``benchmarks/qc.py`` (see :class:`QcThresholds`); another model may
+    need its own.
+
+Plausibility
+    A liver volume outside an adult range; a liver cut by the scan's border (incomplete
+    coverage); several liver components of similar size before post-processing kept the
+    largest; a tumor burden above a share of the liver; an untrustworthy voxel size, and the
+    data doctor's warnings about implausible CT values (:mod:`liverseg.data.intensities`).
+
+Research use only: "ok" means none of these signs was seen, not that the segmentation is right.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from liverseg.constants import BACKGROUND, TUMOR
+from liverseg.errors import DataError
+from liverseg.evaluation.metrics import bounding_box
+from liverseg.geometry import axial_axis, checked_affine, spacing_is_trustworthy, voxel_volume_mm3
+
+OK = "ok"
+REVIEW = "review"
+# 26-connectivity, as post-processing and the lesion table use.
+_STRUCTURE = ndimage.generate_binary_structure(3, 3)
+# Binary entropy in bits of p = q / 255 for every uint8 q.
+_P = np.arange(256) / 255.0
+with np.errstate(divide="ignore", invalid="ignore"):
+    ENTROPY_BITS = np.nan_to_num(-(_P * np.log2(_P) + (1 - _P) * np.log2(1 - _P))).astype(
+        np.float64
+    )
+
+
+@dataclass(frozen=True)
+class QcThresholds:
+    """When :func:`case_qc` asks for review.
+
+    Attributes:
+        liver_ml_range: Liver volume (incl. tumor) outside this range (mL). Default 500-3700 mL:
+            half the smallest and twice the largest adult standard liver volume of Urata et
+            al. (Hepatology 1995;21:1317-21: SLV = 706.2 x BSA + 2.4 mL) over body surface
+            areas 1.4-2.6 m^2 (991-1839 mL), wide enough for cirrhotic and tumor-laden livers.
+        border_fraction: The liver's area on one face of the scan, as a share of its largest
+            cross-section parallel to that face, at or above which it counts as cut off.
+        component_ratio: Second-largest liver component over the largest (before
+            post-processing), at or above which the liver is ambiguous.
+        tumor_percent: Tumor volume as a percentage of the liver (incl. tumor) at or above
+            which the burden is implausible enough to check.
+        liver_entropy: Mean entropy (bits) of the liver-region probability over the predicted
+            liver above which the model is uncertain; None: not checked.
+        tumor_entropy: Mean entropy (bits) of the tumor-region probability over the predicted
+            tumor above which the model is uncertain; None: not checked.
+        lesion_confidence: Lesions whose mean tumor probability is below this are listed in
+            ``low_confidence_lesions`` (for the reader; not a reason for review by itself).
+    """
+
+    liver_ml_range: tuple[float, float] = (500.0, 3700.0)
+    border_fraction: float = 0.2
+    component_ratio: float = 0.2
+    tumor_percent: float = 50.0
+    # Set by `python benchmarks/qc.py` on the tuning phantoms (seed 2) with the demo model:
+    # the 90th percentile of the clean cases (docs/qc.md).
+    liver_entropy: float | None = None
+    tumor_entropy: float | None = None
+    lesion_confidence: float = 0.6
+
+
+def mean_entropy(quantised: np.ndarray, mask: np.ndarray) -> float | None:
+    """Mean binary entropy (bits) of ``quantised / 255`` over ``mask``; None for an empty mask."""
+    values = quantised[mask]
+    return float(ENTROPY_BITS[values].mean()) if values.size else None
+
+
+def case_qc(
+    labels: np.ndarray,
+    affine: np.ndarray,
+    regions: np.ndarray | None = None,
+    warnings: list[str] | tuple[str, ...] = (),
+    thresholds: QcThresholds = QcThresholds(),
+    lesions: list[dict] | None = None,
+) -> dict:
+    """The QC block of a case report: ``status``, ``reasons`` and the measures behind them.
+
+    Args:
+        labels: Predicted label volume ``(W, H, D)`` after post-processing.
+        affine: Its 4 x 4 voxel-to-scanner matrix (mm).
+        regions: uint8 ``(2, W, H, D)`` region probabilities before post-processing, or None
+            (then no uncertainty and no component measure: they are None).
+        warnings: The data doctor's warnings about the input's CT values; each is a reason.
+        thresholds: When to ask for review.
+        lesions: The report's lesion table (with ``confidence``), for
+            ``low_confidence_lesions``.
+
+    Returns:
+        ``{"status", "reasons", "liver_volume_ml", "liver_border_fraction",
+        "liver_component_ratio", "tumor_liver_percent", "liver_entropy", "tumor_entropy",
+        "low_confidence_lesions", "thresholds"}``, JSON-serialisable.
+    """
+    labels = np.asarray(labels)
+    affine = checked_affine(affine)
+    if regions is not None and regions.shape != (2, *labels.shape):
+        raise DataError(f"region probabilities {regions.shape} do not match labels {labels.shape}")
+    liver = labels != BACKGROUND
+    tumor = labels == TUMOR
+    voxel_ml = voxel_volume_mm3(affine) / 1000.0
+    liver_ml = float(np.count_nonzero(liver) * voxel_ml)
+    tumor_percent = 100.0 * np.count_nonzero(tumor) / max(np.count_nonzero(liver), 1)
+    border, border_where = _border_fraction(liver, affine)
+    measures = {
+        "liver_volume_ml": liver_ml,
+        "liver_border_fraction": border,
+        "liver_component_ratio": None if regions is None else _component_ratio(regions[0] >= 128),
+        "tumor_liver_percent": float(tumor_percent),
+        "liver_entropy": None if regions is None else mean_entropy(regions[0], liver),
+        "tumor_entropy": None if regions is None else mean_entropy(regions[1], tumor),
+        "low_confidence_lesions": [
+            row["lesion"]
+            for row in lesions or []
+            if row.get("confidence") is not None
+            and row["confidence"] < thresholds.lesion_confidence
+        ],
+    }
+    reasons = _reasons(measures, border_where, thresholds)
+    reasons += [f"CT values: {warning}" for warning in warnings]
+    if not spacing_is_trustworthy(affine):
+        reasons.append("voxel size not trustworthy (placeholder affine): volumes unreliable")
+    return {
+        "status": REVIEW if reasons else OK,
+        "reasons": reasons,
+        **measures,
+        "thresholds": asdict(thresholds),
+    }
+
+
+def summary_text(qc: dict) -> str:
+    """One line for ``summary.csv``: ``ok`` or ``review: reason; reason``."""
+    return qc["status"] if not qc["reasons"] else f"{qc['status']}: " + "; ".join(qc["reasons"])
+
+
+def _reasons(measures: dict, border_where: str, thresholds: QcThresholds) -> list[str]:
+    reasons = []
+    low, high = thresholds.liver_ml_range
+    liver_ml = measures["liver_volume_ml"]
+    if liver_ml == 0:
+        reasons.append("no liver found")
+    elif not low <= liver_ml <= high:
+        reasons.append(f"liver volume {liver_ml:.0f} mL outside {low:g}-{high:g} mL")
+    if measures["liver_border_fraction"] >= thresholds.border_fraction:
+        reasons.append(
+            f"liver cut by the scan's border ({border_where}: "
+            f"{measures['liver_border_fraction']:.0%} of its largest cross-section): "
+            "incomplete coverage"
+        )
+    ratio = measures["liver_component_ratio"]
+    if ratio is not None and ratio >= thresholds.component_ratio:
+        reasons.append(f"several liver components of similar size (second/largest {ratio:.2f})")
+    if measures["tumor_liver_percent"] >= thresholds.tumor_percent:
+        reasons.append(f"tumor burden {measures['tumor_liver_percent']:.0f}% of the liver")
+    for name, limit in (("liver", thresholds.liver_entropy), ("tumor", thresholds.tumor_entropy)):
+        value = measures[f"{name}_entropy"]
+        if limit is not None and value is not None and value > limit:
+            reasons.append(f"uncertain {name} (mean entropy {value:.3f} > {limit:.3f} bits)")
+    return reasons
+
+
+def _border_fraction(liver: np.ndarray, affine: np.ndarray) -> tuple[float, str]:
+    """The largest share of the liver's cross-section lying on a face of the scan, and where.
+
+    For each axis and each end: the liver's voxels in the end slice over its largest slice
+    perpendicular to that axis.
+    """
+    if not liver.any():
+        return 0.0, ""
+    axial = axial_axis(affine)
+    best, where = 0.0, ""
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        areas = np.count_nonzero(liver, axis=other)
+        for end, index in (("first", 0), ("last", -1)):
+            share = float(areas[index] / areas.max())
+            if share > best:
+                best, where = share, _face_name(axis, end, axial, affine)
+    return best, where
+
+
+def _face_name(axis: int, end: str, axial: int, affine: np.ndarray) -> str:
+    if axis != axial:
+        return f"{end} voxel plane along axis {axis}"
+    superior_last = affine[2, axis] > 0  # scanner z points up in RAS and LPS alike
+    return "top slice" if (end == "last") == superior_last else "bottom slice"
+
+
+def _component_ratio(mask: np.ndarray) -> float:
+    """Second-largest 26-connected component of ``mask`` over the largest (0 for one or none)."""
+    if not mask.any():
+        return 0.0
+    box = bounding_box(mask)
+    components, count = ndimage.label(mask[box], structure=_STRUCTURE)
+    if count < 2:
+        return 0.0
+    sizes = np.sort(np.bincount(components.ravel())[1:])[::-1]
+    return float(sizes[1] / sizes[0])
