@@ -1,4 +1,8 @@
-"""Train liverseg: ``python main.py [--config FILE] [--debug] [key.sub=value ...]``."""
+"""Train liverseg: ``python main.py [--config FILE] [--debug] [key.sub=value ...]``.
+
+In N processes with DistributedDataParallel: ``torchrun --nproc_per_node=N main.py ...`` (the
+same arguments; see docs/distributed.md). Each process runs this file; ``fit()`` joins them.
+"""
 
 import sys
 

@@ -30,6 +30,8 @@ _PUBLIC = {
     "cross_validate": "liverseg.training.cv",
     "load_config": "liverseg.config",
     "case_report": "liverseg.evaluation.report",
+    "case_qc": "liverseg.evaluation.qc",
+    "QcThresholds": "liverseg.evaluation.qc",
     "evaluate_folders": "liverseg.evaluation.folders",
     "check_dataset": "liverseg.data.checks",
     "animate": "liverseg.visualize",
@@ -42,6 +44,7 @@ if TYPE_CHECKING:  # the names above, for type checkers and IDEs
     from liverseg.config import load_config  # noqa: F401
     from liverseg.data.checks import check_dataset  # noqa: F401
     from liverseg.evaluation.folders import evaluate_folders  # noqa: F401
+    from liverseg.evaluation.qc import QcThresholds, case_qc  # noqa: F401
     from liverseg.evaluation.report import case_report  # noqa: F401
     from liverseg.inference.batch import predict_paths  # noqa: F401
     from liverseg.inference.postprocess import Postprocess  # noqa: F401

@@ -2,10 +2,13 @@
 
 A checkpoint holds only tensors and plain Python values: model, optimizer and scaler states,
 epoch, best metric, RNG states, the resolved config (with its preprocessing), the metrics rows so
-far and the package version. :func:`training_state` gathers all but the version, which
-:func:`save_checkpoint` adds; a resumed run gets its states back with
-:func:`restore_training_state` (and its metrics rows with :func:`saved_history`), and inference
-rebuilds model and settings from the checkpoint alone with :func:`load_model`.
+far, how many processes trained it, and the package version. The model is always the plain
+model, never its DistributedDataParallel wrapper: a checkpoint of a torchrun run loads in one
+process, and resumes there or under torchrun with another number of processes.
+:func:`training_state` gathers all but the version, which :func:`save_checkpoint` adds; a
+resumed run gets its states back with :func:`restore_training_state` (and its metrics rows with
+:func:`saved_history`), and inference rebuilds model and settings from the checkpoint alone with
+:func:`load_model`.
 """
 
 from __future__ import annotations
@@ -179,11 +182,14 @@ def training_state(
     config: Config,
     preprocessing: dict,
     history: list[dict] | None = None,
+    world_size: int = 1,
 ) -> dict:
     """What a checkpoint holds: tensors and plain values only.
 
     ``history`` is the run's ``metrics.csv`` rows up to ``epoch`` (plain dicts of text): a resumed
     run takes them back when the file was lost or damaged (:func:`saved_history`).
+    ``world_size`` is how many processes trained it (:func:`saved_world_size`); ``model`` must
+    be the plain model, not its DistributedDataParallel wrapper.
     """
     return dict(
         model=model.state_dict(),
@@ -195,7 +201,14 @@ def training_state(
         config=to_dict(config),
         preprocessing=preprocessing,
         history=[{str(k): str(v) for k, v in row.items()} for row in history or []],
+        world_size=int(world_size),
     )
+
+
+def saved_world_size(checkpoint: dict) -> int:
+    """How many processes trained a checkpoint; 1 for one written before this was recorded."""
+    value = checkpoint.get("world_size", 1)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 1
 
 
 def saved_history(checkpoint: dict) -> list[dict[str, str]] | None:

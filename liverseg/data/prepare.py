@@ -1,20 +1,19 @@
-"""Reduce a Task03 folder by an integer factor, or resample it to a target spacing, resumable.
+"""``liverseg prepare``: a Task03 folder reduced by an integer factor or resampled to a spacing.
 
 Either every axis of every case is reduced by an integer ``factor`` (2, the seed's halving:
 512 x 512 x Z -> 256 x 256 x ceil(Z / 2)), or every case is resampled to a target spacing
-``spacing_mm`` (mm per canonical RAS axis, as ``data.spacing_mm``) with the functions the training
-cache and inference use (:mod:`liverseg.resampling`), so the cache's own resampling at that
-spacing then has nothing to do. The result is written to a new folder in the same layout
-(``imagesTr``, ``labelsTr``, ``imagesTs``, ``dataset.json``) together with ``prepare.json``, which
-records the factor or the spacing, the original and new geometry of each case so predictions can
-be mapped back, and whether the source's spacing can be trusted (``spacing_trusted``: false for an
-identity placeholder affine, whose halving no longer looks like one). A missing ``imagesTs``
-means no test cases (with a warning). Records written before ``spacing_mm`` existed load with
-``spacing_mm`` None.
+``spacing_mm`` (mm per canonical RAS axis, as ``data.spacing_mm``). The result is written to a
+new folder in the same layout (``imagesTr``, ``labelsTr``, ``imagesTs``, ``dataset.json``)
+together with ``prepare.json``, which records the factor or the spacing, the original and new
+geometry of each case so predictions can be mapped back, and whether the source's spacing can be
+trusted (``spacing_trusted``: false for an identity placeholder affine, whose halving no longer
+looks like one). A missing ``imagesTs`` means no test cases (with a warning). Records written
+before ``spacing_mm`` existed load with ``spacing_mm`` None.
 
-The factor's geometry, image filter and label rule are in :mod:`liverseg.data.downsampling`;
-this module finds the cases, runs them in worker processes, skips those already finished, keeps
-the record, and tells training whether its ``data.factor`` / ``data.spacing_mm`` fit a folder
+One case is reduced by :func:`liverseg.data.downsampling.downsample_case` (the factor's geometry,
+image filter and label rule) or resampled by :func:`liverseg.data.respacing.resample_case`. This
+module finds the cases, runs them in worker processes, skips those already finished, keeps the
+record, and tells training whether its ``data.factor`` / ``data.spacing_mm`` fit a folder
 prepared at a spacing (:func:`check_prepared_for_training`).
 """
 
@@ -35,17 +34,10 @@ from tqdm import tqdm
 
 from liverseg.constants import LABEL_NAMES, LABEL_VALUES
 from liverseg.data.cases import SPLITS, Case, MissingTestFolderError, find_cases
-from liverseg.data.downsampling import LABEL_AFFINE_TOLERANCE_MM, downsample_case
+from liverseg.data.downsampling import downsample_case
+from liverseg.data.respacing import resample_case
 from liverseg.errors import DataError, LiversegError
-from liverseg.geometry import label_affine_matches, spacing_is_trustworthy
-from liverseg.io import (
-    atomic_path,
-    fingerprint,
-    read_labels,
-    read_volume,
-    remove_stale_temp_files,
-    save_nifti,
-)
+from liverseg.io import atomic_path, fingerprint, remove_stale_temp_files
 from liverseg.writable import check_writable_dir
 
 logger = logging.getLogger(__name__)
@@ -53,7 +45,6 @@ logger = logging.getLogger(__name__)
 RECORD_NAME = "prepare.json"
 # Spacings within 1% per axis are the same, as liverseg.resampling.needs_resampling judges them.
 SPACING_RTOL = 0.01
-_INT16 = np.iinfo(np.int16)
 
 
 def load_prepare_record(out_dir: str | Path) -> dict:
@@ -63,9 +54,10 @@ def load_prepare_record(out_dir: str | Path) -> dict:
         ``{"factor": int, "spacing_mm": [x, y, z] or None, "source_dir": str,
         "cases": {case_id: record}}``; ``spacing_mm`` (mm, RAS order) is set by
         ``--spacing``, whose records have ``factor`` 1, and None for a factor (and for records
-        written before it existed). Each case record is as returned by :func:`downsample_case`
-        or :func:`resample_case`, plus ``case_id`` and ``split``, with ``image`` and ``label``
-        relative to ``out_dir``.
+        written before it existed). Each case record is as returned by
+        :func:`~liverseg.data.downsampling.downsample_case` or
+        :func:`~liverseg.data.respacing.resample_case`, plus ``case_id`` and ``split``, with
+        ``image`` and ``label`` relative to ``out_dir``.
 
     Raises:
         DataError: The file is missing or not a prepare record, or its ``spacing_mm`` is not
@@ -114,6 +106,11 @@ def _spacing_problem(spacing) -> str | None:
 
 def _show_spacing(spacing: Sequence[float]) -> str:
     return " x ".join(f"{v:g}" for v in spacing) + " mm"
+
+
+def _as_override(spacing: Sequence[float]) -> str:
+    """``spacing`` as a ``data.spacing_mm=`` value: ``[1.4,1.4,4]``."""
+    return "[" + ",".join(f"{v:g}" for v in spacing) + "]"
 
 
 def _write_json(path: Path, content: dict) -> None:
@@ -169,99 +166,6 @@ def _is_finished(job: dict, record: dict | None, out: Path) -> bool:
     return all((out / name).is_file() for name in outputs)
 
 
-def resample_case(
-    image_path: str | Path,
-    label_path: str | Path | None,
-    out_image: str | Path,
-    out_label: str | Path | None,
-    spacing_mm: Sequence[float],
-) -> dict:
-    """Resample one case to ``spacing_mm`` as the training cache does, and write it atomically.
-
-    The image and label are read as the cache reads them and resampled by
-    :func:`liverseg.resampling.resample_image` and :func:`~liverseg.resampling.resample_labels`
-    in their stored axis order (the RAS target mapped to it by
-    :func:`~liverseg.resampling.stored_target`; resampling commutes with the cache's
-    reorientation). The label follows its image's grid, so the pair keeps one shape. Memory:
-    the whole case as float32, a few copies of it (more than the factor path).
-
-    Args:
-        image_path: CT volume, HU, shape ``(W, H, D)``.
-        label_path: Its label map (values ``LABEL_VALUES``, same shape) or None (test cases).
-        out_image: Destination of the image: HU rounded to int16, shape
-            ``max(1, round(n * s / t))`` per axis (:func:`liverseg.resampling.resampled_shape`).
-        out_label: Destination of the uint8 label, or None.
-        spacing_mm: Target spacing, mm per canonical RAS axis (x, y, z), as ``data.spacing_mm``.
-
-    Returns:
-        The case's record, with the keys of :func:`downsample_case`'s but ``spacing_mm`` (the
-        RAS target) in place of ``factor``.
-
-    Raises:
-        DataError: A file is unreadable or not 3D, or the label's shape or values are wrong.
-    """
-    # Imported here: liverseg.resampling imports torch, which the factor path's workers never need.
-    from liverseg.resampling import resample_image, resample_labels, resampled_affine, stored_target
-
-    if (label_path is None) != (out_label is None):
-        raise ValueError("label_path and out_label must both be given or both be None")
-    image_path = Path(image_path)
-    hu, affine = read_volume(image_path)
-    original_shape = hu.shape
-    target = stored_target(affine, spacing_mm)
-    resampled, new_affine = resample_image(hu, affine, target)
-    del hu
-    save_nifti(_int16_hu(resampled), new_affine, out_image)
-    record = {
-        "spacing_mm": [float(v) for v in spacing_mm],
-        "source_image": fingerprint(image_path),
-        "source_label": None,
-        "image": str(out_image),
-        "label": None,
-        "original_shape": list(original_shape),
-        "original_affine": affine.tolist(),
-        "new_shape": list(resampled.shape),
-        "new_affine": new_affine.tolist(),
-        "spacing_trusted": spacing_is_trustworthy(affine),
-    }
-    del resampled
-    if label_path is None:
-        return record
-    label_path = Path(label_path)
-    labels, label_affine = read_labels(label_path)
-    if labels.shape != original_shape:
-        raise DataError(
-            f"{label_path}: label shape {labels.shape} differs from its image's "
-            f"{original_shape} ({image_path}); expected the same voxel grid. Fix or remove "
-            "this case."
-        )
-    new_labels, new_label_affine = resample_labels(labels, affine, target)
-    if not label_affine_matches(affine, label_affine, LABEL_AFFINE_TOLERANCE_MM):
-        logger.warning(
-            "%s: label affine differs from its image's by %.3g mm; kept as stored",
-            label_path,
-            np.abs(label_affine - affine).max(),
-        )
-        new_label_affine = resampled_affine(label_affine, labels.shape, new_labels.shape)
-    save_nifti(new_labels, new_label_affine, out_label)
-    record.update(
-        source_label=fingerprint(label_path),
-        label=str(out_label),
-        original_label_affine=label_affine.tolist(),
-        new_label_affine=np.asarray(new_label_affine).tolist(),
-    )
-    return record
-
-
-def _int16_hu(volume: np.ndarray) -> np.ndarray:
-    """HU rounded and clipped to int16, as the factor path writes them."""
-    if volume.dtype == np.int16:
-        return volume
-    if volume.dtype.kind == "f":
-        volume = np.rint(volume)
-    return np.clip(volume, _INT16.min, _INT16.max).astype(np.int16)
-
-
 def _run_job(job: dict, out_dir: str, factor: int, spacing_mm: list[float] | None) -> dict:
     """Worker: reduce or resample one case; its record's output paths are relative to out_dir."""
     out = Path(out_dir)
@@ -306,41 +210,55 @@ def _execute(
 ) -> list[str]:
     """Run the jobs (in this process when ``workers == 1``); return one message per failure."""
     failures = []
-    progress = tqdm(total=len(todo), desc="prepare", unit="case", disable=None)
+    with tqdm(total=len(todo), desc="prepare", unit="case", disable=None) as progress:
 
-    def settle(job: dict, get_result) -> None:
-        try:
-            on_done(get_result())
-        except LiversegError as exc:
-            failures.append(f"{job['case_id']}: {exc}")
-        except concurrent.futures.process.BrokenProcessPool:
-            failures.append(
-                f"{job['case_id']}: a worker process died (killed, or out of memory?) before "
-                f"finishing {job['image_path']}; rerun with fewer --workers"
-            )
-        except Exception as exc:
-            logger.error("%s failed", job["case_id"], exc_info=True)
-            failures.append(
-                f"{job['case_id']}: unexpected {type(exc).__name__}: {exc} "
-                f"({job['image_path']}; traceback logged above)"
-            )
-        progress.update()
+        def settle(job: dict, get_result) -> None:
+            failure = _settle(job, get_result, on_done)
+            if failure is not None:
+                failures.append(failure)
+            progress.update()
 
-    with progress:
         if workers == 1:
             for job in todo:
                 settle(job, lambda job=job: _run_job(job, str(out), *method))
-            return failures
-        context = multiprocessing.get_context("spawn")
-        pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context)
-        try:
-            futures = {pool.submit(_run_job, job, str(out), *method): job for job in todo}
-            for future in concurrent.futures.as_completed(futures):
-                settle(futures[future], future.result)
-        finally:
-            # On Ctrl-C, stop at the cases already running instead of working through the queue.
-            pool.shutdown(wait=True, cancel_futures=True)
+        else:
+            _run_in_pool(todo, out, method, workers, settle)
     return failures
+
+
+def _run_in_pool(
+    todo: list[dict], out: Path, method: tuple[int, list[float] | None], workers: int, settle
+) -> None:
+    """Run the jobs in ``workers`` spawned processes; settle each as it finishes."""
+    context = multiprocessing.get_context("spawn")
+    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context)
+    try:
+        futures = {pool.submit(_run_job, job, str(out), *method): job for job in todo}
+        for future in concurrent.futures.as_completed(futures):
+            settle(futures[future], future.result)
+    finally:
+        # On Ctrl-C, stop at the cases already running instead of working through the queue.
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _settle(job: dict, get_result, on_done) -> str | None:
+    """Pass the job's record to ``on_done``; return why the job failed, or None."""
+    try:
+        on_done(get_result())
+    except LiversegError as exc:
+        return f"{job['case_id']}: {exc}"
+    except concurrent.futures.process.BrokenProcessPool:
+        return (
+            f"{job['case_id']}: a worker process died (killed, or out of memory?) before "
+            f"finishing {job['image_path']}; rerun with fewer --workers"
+        )
+    except Exception as exc:
+        logger.error("%s failed", job["case_id"], exc_info=True)
+        return (
+            f"{job['case_id']}: unexpected {type(exc).__name__}: {exc} "
+            f"({job['image_path']}; traceback logged above)"
+        )
+    return None
 
 
 def _write_dataset_json(src: Path, out: Path, records: list[dict]) -> None:
@@ -429,6 +347,32 @@ def _checked_method(
     return 1, [float(v) for v in spacing_mm]
 
 
+def _check_workers_and_folders(workers: int | None, src: Path, out: Path) -> None:
+    """Refuse fewer than one worker, and an OUT_DIR that is SRC_DIR."""
+    if workers is not None and workers < 1:
+        raise LiversegError(f"--workers: expected an integer >= 1, found {workers}.")
+    if out.resolve() == src.resolve():
+        raise DataError(
+            f"{out}: OUT_DIR is SRC_DIR; prepare never overwrites its input. Pick another folder."
+        )
+
+
+def _start_output(
+    src: Path, out: Path, jobs: list[dict], method: tuple[int, list[float] | None]
+) -> tuple[dict, list[dict]]:
+    """Create OUT_DIR and open its record without the unfinished cases; return it and them."""
+    check_writable_dir(out, "OUT_DIR")
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files([out / folder for folder in ("imagesTr", "labelsTr", "imagesTs")])
+    record = _open_record(out, src, *method)
+    todo = [job for job in jobs if not _is_finished(job, record["cases"].get(job["case_id"]), out)]
+    for job in todo:
+        record["cases"].pop(job["case_id"], None)
+    _write_json(out / RECORD_NAME, record)
+    logger.info("%d cases found, %d to do", len(jobs), len(todo))
+    return record, todo
+
+
 def prepare_dataset(
     src_dir: str | Path,
     out_dir: str | Path,
@@ -452,8 +396,8 @@ def prepare_dataset(
             ``spacing_mm``, a few float32 copies of it), so lower it where memory is short.
             Workers are spawned: a script calling this needs ``if __name__ == "__main__":``.
         spacing_mm: Target spacing, mm per canonical RAS axis (x, y, z), as ``data.spacing_mm``:
-            every case resampled by :func:`resample_case`, recorded with factor 1. Excludes
-            ``factor``.
+            every case resampled by :func:`~liverseg.data.respacing.resample_case`, recorded
+            with factor 1. Excludes ``factor``.
 
     Returns:
         A one-paragraph summary for the user.
@@ -465,22 +409,9 @@ def prepare_dataset(
     """
     src, out = Path(src_dir), Path(out_dir)
     method = _checked_method(factor, spacing_mm)
-    if workers is not None and workers < 1:
-        raise LiversegError(f"--workers: expected an integer >= 1, found {workers}.")
-    if out.resolve() == src.resolve():
-        raise DataError(
-            f"{out}: OUT_DIR is SRC_DIR; prepare never overwrites its input. Pick another folder."
-        )
+    _check_workers_and_folders(workers, src, out)
     jobs = _jobs(src, out)
-    check_writable_dir(out, "OUT_DIR")
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_files([out / folder for folder in ("imagesTr", "labelsTr", "imagesTs")])
-    record = _open_record(out, src, *method)
-    todo = [job for job in jobs if not _is_finished(job, record["cases"].get(job["case_id"]), out)]
-    for job in todo:
-        record["cases"].pop(job["case_id"], None)
-    _write_json(out / RECORD_NAME, record)
-    logger.info("%d cases found, %d to do", len(jobs), len(todo))
+    record, todo = _start_output(src, out, jobs, method)
 
     def on_done(case_record: dict) -> None:
         record["cases"][case_record["case_id"]] = case_record
@@ -533,15 +464,20 @@ def check_prepared_for_training(
     prepared = load_prepare_record(root)["spacing_mm"]
     if prepared is None:
         return
-    shown = _show_spacing(prepared)
-    wanted = "[" + ",".join(f"{v:g}" for v in prepared) + "]"
     if spacing_mm is None:
+        shown = _show_spacing(prepared)
         raise DataError(
             f"{path}: {root} was resampled to {shown} by `liverseg prepare --spacing`, but "
             f"data.spacing_mm is null (data.factor={factor}): the checkpoint would not tell "
-            f"inference to resample scans to {shown}. Set data.spacing_mm={wanted} "
-            "data.factor=1."
+            f"inference to resample scans to {shown}. Set data.spacing_mm="
+            f"{_as_override(prepared)} data.factor=1."
         )
+    _check_target_spacing(root, prepared, spacing_mm)
+
+
+def _check_target_spacing(root: Path, prepared: list[float], spacing_mm: Sequence[float]) -> None:
+    """Accept ``spacing_mm`` equal to or coarser than the ``prepared`` one; refuse a finer one."""
+    path, shown = root / RECORD_NAME, _show_spacing(prepared)
     if all(abs(t - s) <= SPACING_RTOL * s for t, s in zip(spacing_mm, prepared)):
         logger.info("%s: %s is already at data.spacing_mm (%s)", path, root, shown)
         return
@@ -559,6 +495,6 @@ def check_prepared_for_training(
         f"{path}: {root} was resampled to {shown} by `liverseg prepare --spacing`, coarser on "
         f"some axis than data.spacing_mm={_show_spacing(spacing_mm)}: the model would learn "
         "from blurrier scans than the originals that inference resamples to that spacing. "
-        f"Set data.spacing_mm={wanted}, or prepare the originals again with "
+        f"Set data.spacing_mm={_as_override(prepared)}, or prepare the originals again with "
         "`liverseg prepare SRC_DIR OUT_DIR --spacing X Y Z` at the spacing you want."
     )

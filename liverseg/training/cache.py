@@ -6,7 +6,8 @@ to a fixed HU window and map it to (-1, 1), then CropOrPad to
 ``data.shape`` centred on the liver, so no liver slice is cut. It runs once per case and is cached
 as uncompressed ``.npy`` arrays that the workers memory-map, keyed by the preprocessing settings and
 the source files' size and mtime. An entry whose files are truncated or garbled is logged and
-rebuilt.
+rebuilt. Under torchrun each rank preprocesses its share of the cases, then all read every entry
+(:func:`build_shared_cache`): no entry is written by two ranks.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from liverseg.geometry import label_affine_matches, spacing_mm
 from liverseg.io import atomic_path, read_labels, read_volume
 from liverseg.preprocessing import scale_hu, to_canonical
 from liverseg.resampling import resample_image, resample_labels
+from liverseg.training import distributed
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +107,7 @@ def preprocess_case(case: Case, cache_dir: Path, settings: dict) -> CachedCase:
     Returns:
         Where the cached arrays are.
     """
-    stem = cache_dir / f"{case.case_id}-{_cache_key(case, settings)}"
-    image_path, label_path, meta_path = (
-        Path(f"{stem}.{s}") for s in ("image.npy", "label.npy", "json")
-    )
+    image_path, label_path, meta_path = _entry_paths(case, cache_dir, settings)
     if meta_path.is_file():
         found = _read_cached(case.case_id, image_path, label_path, meta_path)
         if found is not None:
@@ -135,6 +134,30 @@ def preprocess_case(case: Case, cache_dir: Path, settings: dict) -> CachedCase:
         meta = {"case_id": case.case_id, "spacing_mm": spacing, "shape": list(labels.shape)}
         tmp.write_text(json.dumps(meta))
     return CachedCase(case.case_id, image_path, label_path, spacing)
+
+
+def _entry_paths(case: Case, cache_dir: Path, settings: dict) -> tuple[Path, Path, Path]:
+    """The image, label and meta files of a case's cache entry."""
+    stem = cache_dir / f"{case.case_id}-{_cache_key(case, settings)}"
+    return tuple(Path(f"{stem}.{s}") for s in ("image.npy", "label.npy", "json"))
+
+
+def find_cached(case: Case, cache_dir: Path, settings: dict) -> CachedCase:
+    """The whole cache entry of ``case``, which another rank has written; never writes.
+
+    Raises:
+        DataError: The entry is missing or damaged: on several nodes the cache folder is not
+            one that every node sees.
+    """
+    paths = _entry_paths(case, cache_dir, settings)
+    found = _read_cached(case.case_id, *paths) if paths[2].is_file() else None
+    if found is None:
+        raise DataError(
+            f"rank {distributed.rank()}: the cache entry of {case.case_id} is not whole in "
+            f"{cache_dir} after the rank that preprocessed it finished; on several nodes run.dir "
+            "(or data.cache_dir) must be a folder every node sees"
+        )
+    return found
 
 
 def _read_cached(
@@ -184,11 +207,29 @@ def build_cache(
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     jobs = [(case, cache_dir, settings) for case in cases]
-    bar = dict(total=len(jobs), desc="preprocess", unit="case", leave=False)
+    bar = dict(
+        total=len(jobs), desc="preprocess", unit="case", leave=False,
+        disable=not distributed.is_main(),
+    )  # fmt: skip
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             return list(tqdm(pool.map(_preprocess_job, jobs), **bar))
     return [preprocess_case(*job) for job in tqdm(jobs, **bar)]
+
+
+def build_shared_cache(
+    cases: Sequence[Case], cache_dir: Path, settings: dict, workers: int = 0
+) -> list[CachedCase]:
+    """:func:`build_cache` shared by the ranks of a distributed run; itself in one process.
+
+    Each rank preprocesses its share of ``cases`` (:func:`liverseg.training.distributed.share`),
+    waits for the others, then finds every entry (:func:`find_cached`) without writing.
+    """
+    if distributed.world_size() == 1:
+        return build_cache(cases, cache_dir, settings, workers)
+    build_cache(distributed.share(list(cases)), cache_dir, settings, workers)
+    distributed.wait_for_all()
+    return [find_cached(case, cache_dir, settings) for case in cases]
 
 
 def _preprocess_job(job: tuple) -> CachedCase:

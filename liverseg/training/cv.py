@@ -25,10 +25,11 @@ from pathlib import Path
 from liverseg.config import Config, check_config
 from liverseg.constants import DICE_CLASSES
 from liverseg.data.splits import folds_path, load_or_create_folds
-from liverseg.errors import ConfigError
+from liverseg.errors import ConfigError, TrainingError
 from liverseg.evaluation.folders import PRED_SUFFIXES, Evaluation, evaluate_pairs, pair_cases
 from liverseg.inference.batch import safe_name
 from liverseg.io import atomic_path, remove_stale_temp_files
+from liverseg.training import distributed
 from liverseg.training.fit import fit
 from liverseg.training.preflight import check_run_writable, find_training_cases, resume_state
 
@@ -94,8 +95,15 @@ def cross_validate(config: Config) -> dict:
     Raises:
         ConfigError: ``data.folds`` is not set.
         DataError: The dataset, or its splits file (:mod:`liverseg.data.splits`), is refused.
+        TrainingError: Started by torchrun, which ``liverseg cv`` does not support yet.
     """
     check_config(config)
+    if distributed.launched():
+        raise TrainingError(
+            "liverseg cv does not run under torchrun yet: train each fold with `torchrun ... "
+            "main.py data.folds=K data.fold=F run.dir=<dir>/fold_F run.final_predictions=true`, "
+            "then run `liverseg cv` without torchrun to score them (finished folds are skipped)"
+        )
     data = config.data
     if data.folds is None:
         raise ConfigError(

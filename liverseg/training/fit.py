@@ -3,7 +3,9 @@
 The run folder holds the resolved ``config.yaml``, ``split.json``, ``metrics.csv`` (one row per
 epoch), ``curves.png`` and ``checkpoints/{last,best}.pt``. What is checked before training starts
 lives in :mod:`liverseg.training.preflight`, the epoch record in :mod:`liverseg.training.history`,
-what a checkpoint holds in :mod:`liverseg.checkpoints`.
+what a checkpoint holds in :mod:`liverseg.checkpoints`. Under torchrun every rank runs ``fit()``
+in DistributedDataParallel (:mod:`liverseg.training.distributed`): rank 0 alone prepares and
+writes the run folder, each rank trains on its share of the cases and validates its share.
 """
 
 from __future__ import annotations
@@ -27,25 +29,32 @@ from liverseg.checkpoints import (
     preprocessing_record,
     restore_training_state,
     saved_history,
+    saved_world_size,
     training_state,
 )
 from liverseg.config import Config, check_config, save_config
 from liverseg.constants import CASE_ID, DICE_CLASSES, IMAGE, LABEL
 from liverseg.data.cases import Case
 from liverseg.data.splits import load_or_create_fold_split, load_or_create_split
-from liverseg.devices import autocast_dtype, resolve_device, training_layout
+from liverseg.devices import autocast_dtype, training_layout
 from liverseg.errors import TrainingError
 from liverseg.evaluation.metrics import case_dice
 from liverseg.inference.settings import InferenceSettings
 from liverseg.inference.volume import predict_volume
 from liverseg.io import read_labels
 from liverseg.labels import head_for_loss
-from liverseg.training.cache import build_cache
+from liverseg.training import distributed
+from liverseg.training.cache import build_shared_cache
 from liverseg.training.history import metrics_row, resume_history
-from liverseg.training.loader import PatchSettings, build_loader
+from liverseg.training.loader import PatchSettings, build_loader, set_loader_epoch
 from liverseg.training.losses import compute_loss
 from liverseg.training.lr_schedules import learning_rate
-from liverseg.training.preflight import check_run_writable, find_training_cases, resume_state
+from liverseg.training.preflight import (
+    check_run_writable,
+    check_world_size,
+    find_training_cases,
+    resume_state,
+)
 from liverseg.training.run_folder import (
     record_epoch,
     remove_stale_temps,
@@ -75,12 +84,17 @@ def _batches(loader, count: int):
 def train_one_epoch(model, loader, optimizer, scaler, *, epoch, config, device, dtype) -> float:
     """``train.iterations_per_epoch`` iterations (0: one pass over the queue); the mean finite loss.
 
-    A non-finite loss skips its optimizer step but still counts as an iteration.
+    A non-finite loss skips its optimizer step but still counts as an iteration. Under torchrun
+    ``model`` is the DistributedDataParallel one and ``loader`` the rank's: a non-finite loss on
+    any rank skips the step on every rank, and the mean is over every rank's finite losses.
     """
     model.train()
     total, count, bad_in_row = 0.0, 0, 0
     limit = config.train.iterations_per_epoch or len(loader)
-    bar = tqdm(_batches(loader, limit), total=limit, desc=f"epoch {epoch}", unit="it", leave=False)
+    bar = tqdm(
+        _batches(loader, limit), total=limit, desc=f"epoch {epoch}", unit="it", leave=False,
+        disable=not distributed.is_main(),
+    )  # fmt: skip
     layout = training_layout(device, dtype)
     for iteration, batch in enumerate(bar, start=1):
         image = batch[IMAGE][tio.DATA].to(device, non_blocking=True, memory_format=layout)
@@ -89,15 +103,12 @@ def train_one_epoch(model, loader, optimizer, scaler, *, epoch, config, device, 
             logits = model(image)
         loss = compute_loss(logits, label, config.train.loss)
         optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
+        here = not torch.isfinite(loss)
+        if distributed.any_rank(here, device):
             bad_in_row += 1
-            log.warning("epoch %d iteration %d: non-finite loss, step skipped", epoch, iteration)
+            _warn_non_finite(epoch, iteration, here)
             if bad_in_row >= config.train.max_nonfinite:
-                raise TrainingError(
-                    f"{bad_in_row} non-finite losses in a row at epoch {epoch}, iteration "
-                    f"{iteration} (cases in the batch: {', '.join(batch[CASE_ID])}); lower "
-                    "train.lr, check those cases with `liverseg check`, or set train.amp=off"
-                )
+                raise _non_finite_error(bad_in_row, epoch, iteration, batch[CASE_ID])
             continue
         bad_in_row = 0
         scaler.scale(loss).backward()
@@ -105,7 +116,28 @@ def train_one_epoch(model, loader, optimizer, scaler, *, epoch, config, device, 
         scaler.update()
         total, count = total + loss.item(), count + 1
         bar.set_postfix(loss=f"{total / count:.4f}")
+    total, count = distributed.sum_over_ranks([total, count], device)
     return total / count if count else math.nan
+
+
+def _warn_non_finite(epoch: int, iteration: int, here: bool) -> None:
+    """Say that a step is skipped: in one process, or on each rank whose loss was not finite."""
+    if distributed.world_size() == 1:
+        log.warning("epoch %d iteration %d: non-finite loss, step skipped", epoch, iteration)
+    elif here:
+        log.warning(
+            "epoch %d iteration %d: non-finite loss on rank %d, step skipped on every rank",
+            epoch, iteration, distributed.rank(),
+        )  # fmt: skip
+
+
+def _non_finite_error(bad_in_row: int, epoch: int, iteration: int, cases) -> TrainingError:
+    ranked = f" of rank {distributed.rank()}" if distributed.world_size() > 1 else ""
+    return TrainingError(
+        f"{bad_in_row} non-finite losses in a row at epoch {epoch}, iteration {iteration} "
+        f"(cases in the batch{ranked}: {', '.join(cases)}); lower train.lr, check those cases "
+        "with `liverseg check`, or set train.amp=off"
+    )
 
 
 def validate(model, cases: list[Case], settings: InferenceSettings, device) -> dict[str, float]:
@@ -113,17 +145,24 @@ def validate(model, cases: list[Case], settings: InferenceSettings, device) -> d
 
     The cases are at the training resolution (reduced by ``data.factor``), so they are predicted
     as ``prepared``: exactly what ``liverseg predict --prepared`` and ``liverseg evaluate`` compute
-    from ``settings``; with a target spacing they are resampled to it, as the cache did.
+    from ``settings``; with a target spacing they are resampled to it, as the cache did. Under
+    torchrun each rank predicts its share of the cases and the Dice values are gathered, in the
+    cases' order, so the means are those of one process.
     """
-    scores = {c: [] for c in DICE_CLASSES}
-    for case in tqdm(cases, desc="validate", unit="case", leave=False):
+    mine = {}
+    for index, case in tqdm(
+        distributed.share(list(enumerate(cases))), desc="validate", unit="case", leave=False,
+        disable=not distributed.is_main(),
+    ):  # fmt: skip
         prediction = predict_volume(
             model, case.image, settings, prepared=settings.spacing_mm is None, device=device
         )
         truth, _ = read_labels(case.label)
-        for name, value in case_dice(prediction.labels, truth).items():
-            scores[name].append(value)
-        log.info("validation %s: %s", case.case_id, {k: round(v[-1], 4) for k, v in scores.items()})
+        mine[index] = case_dice(prediction.labels, truth)
+        rounded = {k: round(v, 4) for k, v in mine[index].items()}
+        log.info("validation %s: %s", case.case_id, rounded)
+    found = {index: values for part in distributed.gather(mine) for index, values in part.items()}
+    scores = {c: [found[i][c] for i in range(len(cases)) if c in found[i]] for c in DICE_CLASSES}
     return {
         name: float(np.nanmean(v)) if np.isfinite(v).any() else math.nan
         for name, v in scores.items()
@@ -151,7 +190,7 @@ def build_training_loader(
         "copy_label_geometry": data.copy_label_geometry,
         "spacing_mm": None if data.spacing_mm is None else list(data.spacing_mm),
     }
-    cached = build_cache(cases, cache_dir, cache_settings, workers=data.num_workers)
+    cached = build_shared_cache(cases, cache_dir, cache_settings, workers=data.num_workers)
     patches = PatchSettings(
         data.patch_size, data.label_probabilities, data.samples_per_volume, data.augment,
         data.scales, data.degrees,
@@ -159,6 +198,7 @@ def build_training_loader(
     return build_loader(
         cached, patches, queue_length=data.queue_length, batch_size=data.batch_size,
         num_workers=data.num_workers, seed=config.train.seed, pin_memory=pin_memory,
+        rank=distributed.rank(), world_size=distributed.world_size(),
     )  # fmt: skip
 
 
@@ -200,7 +240,11 @@ def split_cases(config: Config, run_dir: Path) -> tuple[list[Case], list[Case]]:
 
 @dataclass
 class _Run:
-    """What a training run carries from one epoch to the next."""
+    """What a training run carries from one epoch to the next.
+
+    ``model`` is the plain model (validated, checkpointed); ``trained`` is what the optimizer
+    steps through: ``model`` itself, or its DistributedDataParallel wrapper under torchrun.
+    """
 
     config: Config
     dir: Path
@@ -214,6 +258,7 @@ class _Run:
     start_epoch: int = 1
     best_metric: float = -math.inf
     rows: list[dict] = field(default_factory=list)
+    trained: torch.nn.Module | None = None
 
     @property
     def last(self) -> Path:
@@ -224,27 +269,69 @@ class _Run:
         return self.dir / "checkpoints" / "best.pt"
 
 
-def _start_run(config: Config) -> _Run:
-    """Split, check the resume, save the config, seed, then build or resume model and optimizer."""
+@dataclass
+class _Start:
+    """What rank 0 prepares for every rank: the split, and the checkpoint and rows to resume."""
+
+    train_cases: list[Case]
+    val_cases: list[Case]
+    checkpoint: dict | None
+    rows: list[dict]
+
+
+def _prepare_run(config: Config) -> _Start:
+    """Rank 0's part of the start: check and clean the run folder, split, check the resume, save
+    the config, and read back (or repair) the metrics rows of the run it resumes."""
+    check_run_writable(config)
+    remove_stale_temps(config)
     run_dir = Path(config.run.dir)
     train_cases, val_cases = split_cases(config, run_dir)
     last = run_dir / "checkpoints" / "last.pt"
     checkpoint = resume_state(config, last)
     save_config(config, run_dir / "config.yaml")
-    seed_everything(config.train.seed)
-
-    device = resolve_device(config.train.device)
-    dtype = autocast_dtype(config.train.amp, device)
-    model, optimizer, scaler = build_training_state(config, device, dtype)
-    run = _Run(config, run_dir, train_cases, val_cases, device, dtype, model, optimizer, scaler)
+    rows = []
     if checkpoint is not None:
-        restore_training_state(checkpoint, model, optimizer, scaler)
-        run.start_epoch, run.best_metric = checkpoint["epoch"] + 1, checkpoint["best_metric"]
-        run.rows = resume_history(
+        rows = resume_history(
             run_dir / "metrics.csv", checkpoint["epoch"], saved_history(checkpoint), last
         )
-        log.info("resuming %s at epoch %d", last, run.start_epoch)
+    return _Start(train_cases, val_cases, checkpoint, rows)
+
+
+def _start_run(config: Config, device: torch.device) -> _Run:
+    """Prepare the run (rank 0), seed, then build or resume model and optimizer on every rank."""
+    start = distributed.run_on_main(lambda: _prepare_run(config))
+    check_world_size(len(start.train_cases), distributed.world_size())
+    seed_everything(config.train.seed)
+    dtype = autocast_dtype(config.train.amp, device)
+    model, optimizer, scaler = build_training_state(config, device, dtype)
+    run = _Run(
+        config, Path(config.run.dir), start.train_cases, start.val_cases, device, dtype,
+        model, optimizer, scaler,
+    )  # fmt: skip
+    if start.checkpoint is not None:
+        _resume(run, start.checkpoint, start.rows)
+    if distributed.world_size() > 1:
+        # The same model on every rank, but each rank its own patches and augmentations.
+        seed_everything(int(torch.randint(2**31, ())) + distributed.rank())
+        distributed.log_global_batch(config.data.batch_size)
+    run.trained = distributed.wrap_model(model, device)
     return run
+
+
+def _resume(run: _Run, checkpoint: dict, rows: list[dict]) -> None:
+    """Continue ``run`` from ``checkpoint``: states, epoch, best metric and metrics rows."""
+    restore_training_state(checkpoint, run.model, run.optimizer, run.scaler)
+    run.start_epoch, run.best_metric = checkpoint["epoch"] + 1, checkpoint["best_metric"]
+    run.rows = rows
+    log.info("resuming %s at epoch %d", run.last, run.start_epoch)
+    before, now = saved_world_size(checkpoint), distributed.world_size()
+    if before != now:
+        batch = run.config.data.batch_size
+        log.info(
+            "%s was trained by %d process(es), this run has %d: the global batch goes from "
+            "%d to %d (data.batch_size=%d per process)",
+            run.last, before, now, batch * before, batch * now, batch,
+        )  # fmt: skip
 
 
 def _run_epoch(
@@ -256,8 +343,9 @@ def _run_epoch(
         group["lr"] = learning_rate(
             config.train.lr, config.train.lr_schedule, epoch, config.train.epochs
         )
+    set_loader_epoch(loader, epoch)
     loss = train_one_epoch(
-        run.model, loader, run.optimizer, run.scaler,
+        run.trained, loader, run.optimizer, run.scaler,
         epoch=epoch, config=config, device=run.device, dtype=run.dtype,
     )  # fmt: skip
     validating = run.val_cases and (
@@ -269,13 +357,8 @@ def _run_epoch(
     score = selection_score(scores)
     improved = math.isfinite(loss) and math.isfinite(score) and score > run.best_metric
     run.best_metric = score if improved else run.best_metric
-    state = None
-    if math.isfinite(loss):  # NaN is never saved
-        state = training_state(
-            run.model, run.optimizer, run.scaler, epoch, run.best_metric, config, preprocessing,
-            history=run.rows,
-        )  # fmt: skip
-    record_epoch(run.dir, run.rows, state, [run.last, run.best] if improved else [run.last])
+    if distributed.is_main():
+        _record(run, epoch, loss, improved, preprocessing)
     log.info(
         "epoch %d: loss %.4f%s (%.0f s)",
         epoch,
@@ -286,9 +369,20 @@ def _run_epoch(
     return scores
 
 
+def _record(run: _Run, epoch: int, loss: float, improved: bool, preprocessing: dict) -> None:
+    """Write the epoch's row, its checkpoints (not for a NaN loss) and curves: rank 0's job."""
+    state = None
+    if math.isfinite(loss):  # NaN is never saved
+        state = training_state(
+            run.model, run.optimizer, run.scaler, epoch, run.best_metric, run.config,
+            preprocessing, history=run.rows, world_size=distributed.world_size(),
+        )  # fmt: skip
+    record_epoch(run.dir, run.rows, state, [run.last, run.best] if improved else [run.last])
+
+
 def _finish_run(run: _Run, scores: dict[str, float]) -> dict:
     """Write the final validation predictions when asked; the result :func:`fit` returns."""
-    if run.config.run.final_predictions and run.val_cases:
+    if run.config.run.final_predictions and run.val_cases and distributed.is_main():
         # The final model, not best.pt: a best picked on a few validation cases was never
         # clearly better on 40 other phantoms and once much worse (README, "Choosing").
         write_final_predictions(run.dir, run.last, run.val_cases, run.config)
@@ -303,13 +397,15 @@ def _finish_run(run: _Run, scores: dict[str, float]) -> dict:
 def fit(config: Config) -> dict:
     """Train as ``config`` says; resume from ``<run.dir>/checkpoints/last.pt`` when present.
 
+    Under torchrun (``WORLD_SIZE`` set) every rank calls it: they join one process group and
+    train the model in DistributedDataParallel; rank 0 alone writes the run folder.
+
     Returns:
         ``{"epoch", "best_metric", "metrics": last validation Dice, "run_dir"}``.
     """
     check_config(config)
-    check_run_writable(config)
-    remove_stale_temps(config)
-    run = _start_run(config)
+    device = distributed.init_from_env(config.train.device)
+    run = _start_run(config, device)
     cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else run.dir / "cache"
     loader = build_training_loader(config, run.train_cases, cache_dir, run.device.type == "cuda")
     preprocessing = preprocessing_record(
@@ -327,6 +423,7 @@ def fit(config: Config) -> dict:
         unit="epoch",
         initial=run.start_epoch - 1,
         total=config.train.epochs,
+        disable=not distributed.is_main(),
     ):
         scores = _run_epoch(run, epoch, loader, settings, preprocessing)
     return _finish_run(run, scores)

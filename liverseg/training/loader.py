@@ -3,6 +3,8 @@
 Each case is preprocessed once into a cache of memory-mapped arrays
 (:mod:`liverseg.training.cache`); the DataLoader workers cut each volume's patches
 (:mod:`liverseg.training.patches`), and a ``tio.Queue`` mixes them across volumes into batches.
+Under torchrun each rank's Queue reads only its share of the volumes, through a
+``DistributedSampler`` (:class:`RankShareSampler`), torchio's documented way.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torchio as tio
+from torch.utils.data.distributed import DistributedSampler
 
 from liverseg.constants import CASE_ID, IMAGE, LABEL
 from liverseg.training.cache import CachedCase
@@ -124,6 +127,41 @@ class PackedPatchSampler(tio.data.PatchSampler):
             )
 
 
+class RankShareSampler(DistributedSampler):
+    """This rank's share of the subjects, in a new order on every pass over them.
+
+    A ``DistributedSampler`` orders the subjects once per epoch (``set_epoch``); but with
+    ``train.iterations_per_epoch`` an epoch may hold several passes, and each pass would repeat
+    the order and give each rank the same subjects again. Here pass ``k`` of epoch ``e`` is the
+    permutation of ``(seed, e, k)``: the same on every rank, because every rank runs the same
+    iterations and so starts (and counts) its passes in step; the passes torchio makes to count
+    the Queue's length count too, in step as well. Like ``DistributedSampler`` with
+    ``drop_last=False``, the first subjects of the order fill up the last ranks' shares.
+    """
+
+    def __init__(self, dataset, num_replicas: int, rank: int, seed: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.passes = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.passes = 0
+
+    def __iter__(self) -> Iterator[int]:
+        rng = np.random.default_rng([self.seed, self.epoch, self.passes])
+        self.passes += 1
+        order = rng.permutation(len(self.dataset)).tolist()
+        order += order[: self.total_size - len(order)]
+        return iter(order[self.rank : self.total_size : self.num_replicas])
+
+
+def set_loader_epoch(loader: torch.utils.data.DataLoader, epoch: int) -> None:
+    """Tell the rank's subject sampler which epoch begins (nothing for a one-process loader)."""
+    sampler = getattr(loader.dataset, "subject_sampler", None)
+    if sampler is not None:
+        sampler.set_epoch(epoch)
+
+
 def queue_ram_bytes(settings: PatchSettings, queue_length: int, num_workers: int) -> int:
     """Estimated RAM of the queue: its patches plus the patch sets in flight (float32 + uint8)."""
     per_patch = settings.patch_size**3 * (4 + 1)
@@ -140,28 +178,39 @@ def build_loader(
     num_workers: int,
     seed: int = 0,
     pin_memory: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> torch.utils.data.DataLoader:
     """tio.SubjectsDataset -> LabelSampler-style patches -> tio.Queue -> DataLoader.
+
+    With ``world_size`` > 1 the Queue reads rank ``rank``'s share of the volumes
+    (:class:`RankShareSampler`; call :func:`set_loader_epoch` each epoch); ``queue_length`` and
+    ``batch_size`` are this rank's.
 
     Returns:
         A DataLoader yielding dicts with ``image`` (B, 1, P, P, P) float32 in (-1, 1),
         ``label`` (B, 1, P, P, P) uint8 and ``case_id``.
     """
     dataset = PatchSetDataset(cached, settings, seed=seed)
+    sampler = RankShareSampler(dataset, world_size, rank, seed) if world_size > 1 else None
     queue = tio.Queue(
         dataset,
         max_length=max(queue_length, settings.samples_per_volume),
         samples_per_volume=settings.samples_per_volume,
         sampler=PackedPatchSampler(settings.patch_size),
+        subject_sampler=sampler,
         num_workers=num_workers,
-        shuffle_subjects=True,
+        shuffle_subjects=sampler is None,
         shuffle_patches=True,
+        # The rank's first pass starts after set_loader_epoch, in that epoch's order.
+        start_background=sampler is None,
     )
     log.info(
-        "patch queue: %d patches of %d^3 from %d volumes, about %.0f MB of RAM",
+        "patch queue: %d patches of %d^3 from %d volumes%s, about %.0f MB of RAM",
         queue_length,
         settings.patch_size,
-        len(cached),
+        len(cached) if sampler is None else len(sampler),
+        "" if sampler is None else f" (this rank's share of {len(cached)})",
         queue_ram_bytes(settings, queue_length, num_workers) / 1e6,
     )
     return torch.utils.data.DataLoader(

@@ -7,7 +7,9 @@
 
 Losses are computed in float32 even when the logits come from autocast (bf16/fp16). The Dice
 terms are "batch Dice" (nnU-Net): sums run over the batch and all voxels before the ratio, with a
-small smoothing term, so a patch without tumor gives a finite value, never NaN.
+small smoothing term, so a patch without tumor gives a finite value, never NaN. Under torchrun the
+batch is the global one: the sums are added over the ranks (with their gradients, as nnU-Net
+does), so N ranks of batch B train as one process of batch N x B.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 
 from liverseg.constants import LABEL_VALUES, LIVER, TUMOR
 from liverseg.labels import REGIONS, SOFTMAX_CLASSES, check_channels, head_for_loss
+from liverseg.training import distributed
 
 
 def regions_from_labels(label: torch.Tensor) -> torch.Tensor:
@@ -42,8 +45,9 @@ def soft_dice_loss(
     """Batch soft Dice loss, averaged over channels.
 
     Per channel c: ``dice_c = (2 * sum(p * t) + eps) / (sum(p) + sum(t) + eps)``, the sums over
-    the batch and all voxels; the loss is ``1 - mean_c(dice_c)``. A channel absent from both
-    prediction and target gives ``dice_c`` = 1, never NaN.
+    the batch and all voxels (under torchrun: every rank's batch); the loss is
+    ``1 - mean_c(dice_c)``. A channel absent from both prediction and target gives ``dice_c`` = 1,
+    never NaN.
 
     Args:
         probabilities: ``(B, C, W, H, D)`` values in [0, 1].
@@ -61,8 +65,8 @@ def soft_dice_loss(
     p = probabilities.float()
     t = targets.float()
     dims = [0, *range(2, p.ndim)]
-    intersection = (p * t).sum(dims)
-    denominator = p.sum(dims) + t.sum(dims)
+    sums = torch.stack([(p * t).sum(dims), p.sum(dims) + t.sum(dims)])
+    intersection, denominator = distributed.sum_with_grad(sums).unbind(0)
     dice = (2 * intersection + eps) / (denominator + eps)
     return 1 - dice.mean()
 

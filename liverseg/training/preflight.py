@@ -2,8 +2,9 @@
 
 Each check raises with what was expected, what was found and how to fix it: a ``run.dir`` that
 cannot be written (:func:`check_run_writable`), the dataset at ``data.root`` with every problem
-gathered (:func:`find_training_cases`), and a last checkpoint whose model/data config differs
-from the current one (:func:`resume_state`). The config's own values were checked when it was
+gathered (:func:`find_training_cases`), a last checkpoint whose model/data config differs
+from the current one (:func:`resume_state`), and more torchrun processes than training cases
+(:func:`check_world_size`). The config's own values were checked when it was
 built (:func:`liverseg.config.check_config`).
 """
 
@@ -128,3 +129,17 @@ def check_run_writable(config: Config) -> None:
     root = Path(config.data.root)
     if config.phantoms.cases > 0 and not (root / "imagesTr").is_dir():
         check_writable_dir(root, "data.root (where the phantoms are written)")
+
+
+def check_world_size(train_cases: int, world_size: int) -> None:
+    """Refuse more processes than training cases: each rank reads its own share of the cases.
+
+    Raises:
+        TrainingError: ``world_size`` exceeds ``train_cases``; the message says both fixes.
+    """
+    if world_size > train_cases:
+        raise TrainingError(
+            f"{world_size} processes cannot share {train_cases} training case(s): each process "
+            "reads its own share of the cases; start fewer (torchrun --nproc_per_node, "
+            "--nnodes) or train on more cases (data.num_train)"
+        )

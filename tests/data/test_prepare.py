@@ -28,8 +28,8 @@ from liverseg.data.prepare import (
     check_prepared_for_training,
     load_prepare_record,
     prepare_dataset,
-    resample_case,
 )
+from liverseg.data.respacing import resample_case
 from liverseg.errors import DataError, LiversegError
 from liverseg.geometry import spacing_mm
 from liverseg.inference.batch import predict_paths
