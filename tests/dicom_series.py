@@ -57,12 +57,13 @@ def write_ct_series(
     spacing = np.linalg.norm(lps[:3, :3], axis=0)
     row, column = lps[:3, 0] / spacing[0], lps[:3, 1] / spacing[1]
     stored = np.round((np.asarray(hu, dtype=np.float64) - intercept) / slope).astype(np.int16)
-    study, series = generate_uid(), generate_uid()
+    study, series, frame_of_reference = generate_uid(), generate_uid(), generate_uid()
     names = np.random.default_rng(seed).permutation(hu.shape[2])
     for k in range(hu.shape[2]):
         position = lps[:3, 3] + k * lps[:3, 2] + k * tilt_mm_per_slice * row
         ds = _image(CTImageStorage, study, series, stored[:, :, k].T, modality="CT")
         ds.SeriesDescription, ds.SeriesNumber, ds.InstanceNumber = description, series_number, k
+        ds.FrameOfReferenceUID = frame_of_reference
         ds.ImageType = list(image_type)
         ds.ImageOrientationPatient = [_ds(v) for v in (*row, *column)]
         ds.ImagePositionPatient = [_ds(v) for v in position]

@@ -68,12 +68,24 @@ def read_dicom_series(
             geometry, slices at one position, mixed orientations, sizes or pixel spacings; pixel
             data missing or not decodable. The message names the folder and the series.
     """
+    files, headers, affine, name = ordered_series(folder, series_uid)
+    return read_hu(files, headers, name), affine
+
+
+def ordered_series(
+    folder: str | Path, series_uid: str | None = None
+) -> tuple[list[Path], list[Dataset], np.ndarray, str]:
+    """The chosen CT series' files and headers in the volume's slice order, its affine, its name.
+
+    Slice ``k`` of the volume :func:`read_dicom_series` gives is ``files[k]``; ``name`` is how
+    messages name the series (folder, UID, description, slice count). Raises as
+    :func:`read_dicom_series` does, before any pixel is read.
+    """
     folder = Path(folder)
     series = choose_series(folder, *find_series(folder), series_uid)
     name = f"{folder}: {series.label}"
     order, affine = series_geometry(series.headers, name)
-    data = read_hu([series.files[i] for i in order], [series.headers[i] for i in order], name)
-    return data, affine
+    return [series.files[i] for i in order], [series.headers[i] for i in order], affine, name
 
 
 def find_series(folder: Path) -> tuple[dict[str, Series], Counter]:
