@@ -33,6 +33,8 @@ _PUBLIC = {
     "case_qc": "liverseg.evaluation.qc",
     "QcThresholds": "liverseg.evaluation.qc",
     "evaluate_folders": "liverseg.evaluation.folders",
+    "compare_files": "liverseg.followup.compare",
+    "compare_scans": "liverseg.followup.compare",
     "check_dataset": "liverseg.data.checks",
     "animate": "liverseg.visualize",
 }
@@ -46,6 +48,7 @@ if TYPE_CHECKING:  # the names above, for type checkers and IDEs
     from liverseg.evaluation.folders import evaluate_folders  # noqa: F401
     from liverseg.evaluation.qc import QcThresholds, case_qc  # noqa: F401
     from liverseg.evaluation.report import case_report  # noqa: F401
+    from liverseg.followup.compare import compare_files, compare_scans  # noqa: F401
     from liverseg.inference.batch import predict_paths  # noqa: F401
     from liverseg.inference.postprocess import Postprocess  # noqa: F401
     from liverseg.inference.settings import InferenceSettings  # noqa: F401

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
 from liverseg.constants import TTA_FLIPS
-from liverseg.errors import LiversegError
+from liverseg.errors import LiversegError, WorkerError
 from liverseg.writable import (
     UnwritableError,
     check_writable_dir,
@@ -32,8 +33,10 @@ def _phantoms(args: argparse.Namespace) -> int:
         seed=args.seed,
         test_cases=args.test_cases,
         junk=args.junk,
+        followup=args.followup,
     )
-    print(f"wrote {args.cases} phantom cases to {args.out_dir}")
+    pairs = ", each with a follow-up in followup/" if args.followup else ""
+    print(f"wrote {args.cases} phantom cases to {args.out_dir}{pairs}")
     return 0
 
 
@@ -45,6 +48,12 @@ def _add_phantoms_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--test-cases", type=int, default=2, help="unlabeled cases in imagesTs/")
     p.add_argument("--junk", action="store_true", help="also write macOS ._ files")
+    p.add_argument(
+        "--followup",
+        action="store_true",
+        help="also a follow-up scan of each labeled case, with the truth of its lesions' changes "
+        "(followup/imagesTr, followup/labelsTr, followup/truth)",
+    )
     p.set_defaults(func=_phantoms)
 
 
@@ -153,21 +162,32 @@ def _predict(args: argparse.Namespace) -> int:
         raise LiversegError(
             "predict needs at least one input: a NIfTI file, a folder of them or a DICOM folder"
         )
-    check_writable_dir(args.out, "--out")
-    failures = predict_paths(
-        checkpoints,
-        inputs,
-        args.out,
-        overwrite=args.overwrite,
-        prepared=args.prepared,
-        device=args.device,
-        tta_flips=args.tta,
-        skip_air_windows=args.skip_air,
-        series_uid=args.series,
-    )
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, ranks probing at once could collide
+        check_writable_dir(args.out, "--out")
+    try:
+        failures = predict_paths(
+            checkpoints,
+            inputs,
+            args.out,
+            overwrite=args.overwrite,
+            prepared=args.prepared,
+            device=args.device,
+            tta_flips=args.tta,
+            skip_air_windows=args.skip_air,
+            series_uid=args.series,
+            workers=args.workers,
+            output_format=args.format,
+        )
+    except WorkerError as error:  # the inputs that failed in the other workers, then the error
+        _print_failures(error.failures)
+        raise
+    _print_failures(failures)
+    return 1 if failures else 0
+
+
+def _print_failures(failures: list[tuple[Path, str]]) -> None:
     for path, message in failures:
         print(f"error: {path}: {message}", file=sys.stderr)
-    return 1 if failures else 0
 
 
 def _split_checkpoints(values: list[Path]) -> tuple[list[Path], list[Path]]:
@@ -211,6 +231,16 @@ def _add_predict_parser(sub) -> None:
         "--series", default=None, metavar="UID",
         help="the SeriesInstanceUID to read from DICOM folders (default: the CT series with the "
         "most slices)",
+    )  # fmt: skip
+    p.add_argument(
+        "--workers", type=int, default=1, metavar="N",
+        help="processes that share the inputs, each loading the checkpoints once (default: 1; "
+        "under torchrun each rank takes a share instead)",
+    )  # fmt: skip
+    p.add_argument(
+        "--format", choices=("nifti", "dicom-seg", "both"), default="nifti",
+        help="segmentation files: <id>_seg.nii.gz (default), <id>_seg.dcm (a DICOM-SEG over the "
+        "input series; DICOM inputs, `pip install 'liverseg[dicom]'`) or both",
     )  # fmt: skip
     p.set_defaults(func=_predict)
 
@@ -264,6 +294,76 @@ def _add_animate_parser(sub) -> None:
     p.set_defaults(func=_animate)
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from liverseg.followup.compare import compare_files
+    from liverseg.followup.matching import ChangeRules
+
+    scans = _compare_inputs(args)
+    rules = ChangeRules(rule=args.rule, max_distance_mm=args.max_distance_mm)
+    result = compare_files(*scans, args.out, rules, animation=not args.no_animation)
+    patient = result["patient"]
+    counts = {}
+    for row in result["lesions"]:
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    burden = patient["tumor_burden_ml"]
+    print(
+        f"{patient['response']}: tumor burden {burden['baseline']:.1f} -> "
+        f"{burden['followup']:.1f} mL; lesions: "
+        + (", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "none")
+    )
+    for warning in result["warnings"]:
+        print(f"WARNING: {warning}")
+    print(f"wrote {args.out / 'comparison.json'}, comparison.csv"
+          + ("" if args.no_animation else ", comparison.html"))  # fmt: skip
+    return 0
+
+
+def _compare_inputs(args: argparse.Namespace) -> list[tuple]:
+    """``(CT, segmentation)`` of each scan; segmentations predicted when --checkpoint is given."""
+    expected = 1 if args.checkpoint else 2
+    for name in ("baseline", "followup"):
+        if len(getattr(args, name)) != expected:
+            what = "CT only (the checkpoint segments it)" if args.checkpoint else "CT and SEG"
+            raise LiversegError(f"--{name}: give the {what}, got {getattr(args, name)}")
+    if not args.checkpoint:
+        return [tuple(args.baseline), tuple(args.followup)]
+    import nibabel as nib
+
+    from liverseg.checkpoints import load_models
+    from liverseg.inference.volume import predict_volume
+    from liverseg.io import read_volume
+
+    models, settings = load_models(args.checkpoint, args.device)
+    scans = []
+    for (ct,) in (args.baseline, args.followup):
+        hu, affine = read_volume(ct)
+        labels = predict_volume(models, nib.Nifti1Image(hu, affine), settings).labels
+        scans.append((ct, labels))
+    return scans
+
+
+def _add_compare_parser(sub) -> None:
+    p = sub.add_parser(
+        "compare", help="two scans of one patient: lesions new, growing, shrinking, gone"
+    )
+    p.add_argument("--baseline", type=Path, nargs="+", required=True, metavar="PATH",
+                   help="CT (NIfTI or DICOM folder) and its label map; the CT alone with "
+                   "--checkpoint")  # fmt: skip
+    p.add_argument("--followup", type=Path, nargs="+", required=True, metavar="PATH",
+                   help="the later scan, the same way")  # fmt: skip
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--checkpoint", type=Path, nargs="+", default=None,
+                   help="segment both CTs with this model (or ensemble) first")  # fmt: skip
+    p.add_argument("--device", default="auto")
+    p.add_argument("--rule", choices=("volume", "diameter"), default="volume",
+                   help="which rule sets each lesion's status (both are reported)")  # fmt: skip
+    p.add_argument("--max-distance-mm", type=float, default=10.0,
+                   help="pair unoverlapping lesions whose centroids lie this close after "
+                   "alignment")  # fmt: skip
+    p.add_argument("--no-animation", action="store_true", help="skip comparison.html")
+    p.set_defaults(func=_compare)
+
+
 _SUBCOMMAND_PARSERS = (
     _add_phantoms_parser,
     _add_check_parser,
@@ -273,6 +373,7 @@ _SUBCOMMAND_PARSERS = (
     _add_predict_parser,
     _add_evaluate_parser,
     _add_animate_parser,
+    _add_compare_parser,
 )
 
 

@@ -22,3 +22,20 @@ class CheckpointError(LiversegError):
 
 class TrainingError(LiversegError):
     """The run cannot go on (non-finite losses, incompatible resume)."""
+
+
+class WorkerError(LiversegError):
+    """A worker process of ``liverseg predict --workers`` died or stopped outside its cases.
+
+    The cases that every worker finished are kept; the message names the worker and its case.
+
+    Attributes:
+        results: What each worker returned, in worker order; None for those that failed.
+        failures: The inputs that failed in the workers that finished, and those refused before
+            (``(path, message)``, as ``predict_paths`` returns them), for the CLI to list.
+    """
+
+    def __init__(self, message: str, results: list | None = None):
+        super().__init__(message)
+        self.results = results or []
+        self.failures: list = []

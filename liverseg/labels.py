@@ -134,7 +134,7 @@ def to_labels(probabilities: torch.Tensor, head: str, threshold: float = 0.5) ->
 
 
 def region_probabilities(probabilities: torch.Tensor, head: str) -> torch.Tensor:
-    """The probabilities of the two nested regions, whatever the head: ``(liver incl. tumor, tumor)``.
+    """The probabilities of the two nested regions, whatever the head: liver incl. tumor, tumor.
 
     ``"regions"``: the two channels as they are; ``"softmax"``: ``(p_liver + p_tumor, p_tumor)``.
     What per-case quality control and lesion confidences read (:mod:`liverseg.evaluation.qc`).

@@ -26,7 +26,17 @@ from liverseg.phantoms import write_dataset
 
 torch.set_num_threads(1)
 
-SUBCOMMANDS = ["phantoms", "check", "prepare", "train", "cv", "predict", "evaluate", "animate"]
+SUBCOMMANDS = [
+    "phantoms",
+    "check",
+    "prepare",
+    "train",
+    "cv",
+    "predict",
+    "evaluate",
+    "animate",
+    "compare",
+]
 SHAPE = (32, 32, 24)
 
 

@@ -304,9 +304,9 @@ def test_amp_auto_is_fp32_on_cpu_and_mps_and_forced_dtypes_apply_anywhere():
 
 def test_training_and_inference_resolve_amp_with_the_same_function():
     import liverseg.inference.volume
-    import liverseg.training.fit
+    import liverseg.training.run_start
 
-    assert liverseg.training.fit.autocast_dtype is autocast_dtype
+    assert liverseg.training.run_start.autocast_dtype is autocast_dtype
     assert liverseg.inference.volume.autocast_dtype is autocast_dtype
 
 

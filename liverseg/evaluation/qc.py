@@ -62,7 +62,8 @@ class QcThresholds:
         tumor_percent: Tumor volume as a percentage of the liver (incl. tumor) at or above
             which the burden is implausible enough to check.
         liver_entropy: Mean entropy (bits) of the liver-region probability over the predicted
-            liver above which the model is uncertain; None: not checked.
+            liver above which the model is uncertain; None: not checked. The defaults of both
+            entropies were set on phantoms with the demo model (see the comment below).
         tumor_entropy: Mean entropy (bits) of the tumor-region probability over the predicted
             tumor above which the model is uncertain; None: not checked.
         lesion_confidence: Lesions whose mean tumor probability is below this are listed in
@@ -73,10 +74,11 @@ class QcThresholds:
     border_fraction: float = 0.2
     component_ratio: float = 0.2
     tumor_percent: float = 50.0
-    # Set by `python benchmarks/qc.py` on the tuning phantoms (seed 2) with the demo model:
-    # the 90th percentile of the clean cases (docs/qc.md).
-    liver_entropy: float | None = None
-    tumor_entropy: float | None = None
+    # Set by `python benchmarks/qc.py` with the demo model on its 40 tuning phantoms (seed 2):
+    # the 90th percentile of the clean cases' values (docs/performance.md#per-case-quality-
+    # control). Another model, or real CT, needs its own: measure them the same way.
+    liver_entropy: float | None = 0.237
+    tumor_entropy: float | None = 0.721
     lesion_confidence: float = 0.6
 
 

@@ -204,7 +204,12 @@ def _lesion_rows(
         crop_region = tuple(slice(s.start + o, s.stop + o) for s, o in zip(region, offset))
         rows.append(
             _lesion_row(
-                labeled[region] == index, crop_region, affine, image_hu, tumor_probability, voxel_mm3
+                labeled[region] == index,
+                crop_region,
+                affine,
+                image_hu,
+                tumor_probability,
+                voxel_mm3,
             )
         )
     rows.sort(key=lambda row: -row["voxels"])

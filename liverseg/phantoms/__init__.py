@@ -8,62 +8,54 @@ contrasts down to 10 HU under 10-25 HU noise, a fluid-filled gallbladder sits in
 fossa, bowel walls, pancreas, heart and IVC are liver-bright neighbours, and ~30% of cases are
 stored LPS instead of RAS.
 
-Layout of this package: here the public API, the scanner model and the Task03 writer; ``grid``
-(sampling grid, tissue ids, smooth random fields), ``anatomy`` (the random draw of one anatomy),
-``painters`` (each organ paints HU and a tissue id into the case's arrays, later painters win),
-``tumors`` and ``statistics`` (each lesion's HU against its liver, as measured on the image).
+With ``followup``, each labeled case also gets a second scan of the same patient (moved a
+little, breathing, its lesions stable, grown, shrunk, gone or new) and the truth of what
+changed, for ``liverseg compare``.
+
+Layout of this package: here the public API and the Task03 writer; ``case`` (one case: scene,
+scanner model, stored orientation), ``grid`` (sampling grid, tissue ids, smooth random fields),
+``anatomy`` (the random draw of one anatomy), ``painters`` (each organ paints HU and a tissue id
+into the case's arrays, later painters win), ``tumors`` (drawing lesions, then painting them),
+``followup`` (a baseline and follow-up pair and its truth), ``changes`` (the pair's lesions and
+what becomes of each), ``motion`` (the patient's motion between the scans) and ``statistics``
+(each lesion's HU against its liver, as measured on the image).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
-from liverseg.constants import BACKGROUND, LIVER, TUMOR
 from liverseg.errors import LiversegError
 from liverseg.io import atomic_path, save_nifti
-from liverseg.phantoms.anatomy import draw_anatomy
-from liverseg.phantoms.grid import TISSUES, Grid
-from liverseg.phantoms.painters import paint_anatomy
-from liverseg.phantoms.tumors import paint_tumors
+from liverseg.phantoms.case import (
+    LPS_FRACTION,
+    MIN_SIZE,
+    TUMOR_FREE_FRACTION,
+    Phantom,
+    checked_shape,
+    render_case,
+)
+from liverseg.phantoms.followup import (
+    FOLLOWUP_MAX_SPACING_MM,
+    check_followup_shape,
+    render_followup,
+)
+from liverseg.phantoms.grid import TISSUES
+
+__all__ = [
+    "APPLEDOUBLE_MAGIC", "FOLLOWUP_MAX_SPACING_MM", "LPS_FRACTION", "MIN_SIZE", "TISSUES",
+    "TUMOR_FREE_FRACTION", "Phantom", "case_seed", "generate_case", "render_case",
+    "render_followup", "write_dataset",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
-LPS_FRACTION = 0.3
-# Smallest phantom size per axis, voxels (the organs need a few voxels to be drawn at all).
-MIN_SIZE = 4
-TUMOR_FREE_FRACTION = 0.1
 # First bytes of a macOS AppleDouble file (the `._liver_N.nii.gz` litter of the real archive).
 APPLEDOUBLE_MAGIC = b"\x00\x05\x16\x07"
-_HU_RANGE = (-1024, 3071)
-_LPS_FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-
-@dataclass(frozen=True)
-class Phantom:
-    """One synthetic case with its ground truth.
-
-    Attributes:
-        image: CT in HU, int16, shape ``(W, H, D)``.
-        label: uint8 ``BACKGROUND``/``LIVER``/``TUMOR``, shape ``(W, H, D)``.
-        affine: 4 x 4 voxel-to-scanner (RAS+) matrix in mm.
-        tissue: uint8 index into ``TISSUES`` for every voxel (which organ it was drawn as),
-            shape ``(W, H, D)``; e.g. to measure false positives on the spleen.
-        lps: Whether the arrays are stored LPS (first two axes flipped) rather than RAS.
-        tumor_free: Whether no tumor was drawn.
-    """
-
-    image: np.ndarray
-    label: np.ndarray
-    affine: np.ndarray
-    tissue: np.ndarray
-    lps: bool
-    tumor_free: bool
 
 
 def case_seed(seed: int, index: int) -> int:
@@ -72,64 +64,6 @@ def case_seed(seed: int, index: int) -> int:
     ``generate_case(shape, case_seed(seed, i))`` rebuilds that one case alone.
     """
     return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])
-
-
-def render_case(
-    shape: tuple[int, int, int] = (128, 128, 96),
-    seed: int = 0,
-    *,
-    tumor_free: bool | None = None,
-    lps: bool | None = None,
-    fov_mm: tuple[float, float, float] | None = None,
-) -> Phantom:
-    """Draw one case with its tissue map (see :func:`generate_case`)."""
-    shape = _checked_shape(shape)
-    # Independent streams: the tumors never move the anatomy, the noise never moves the tumors.
-    geometry, anatomy, tumors, scanner = (
-        np.random.default_rng(s) for s in np.random.SeedSequence(int(seed)).spawn(4)
-    )
-    coin_free, coin_lps = geometry.random(2)
-    tumor_free = bool(coin_free < TUMOR_FREE_FRACTION) if tumor_free is None else bool(tumor_free)
-    lps = bool(coin_lps < LPS_FRACTION) if lps is None else bool(lps)
-    fov_xy, fov_z = geometry.uniform([330, 180], [420, 300])
-    world_offset = geometry.uniform([-20, -40, -400], [20, 40, -100])
-    body_offset = geometry.uniform([-10, -25], [10, -5])
-    if fov_mm is None:
-        an = draw_anatomy(anatomy, top_mm=fov_z / 2)
-        # Like a radiographer, widen the field of view to fit the body where the scanner allows.
-        fov_xy = float(np.clip(max(fov_xy, 2 * an.body[0] + 20), 330, 420))
-        fov = np.array([fov_xy, fov_xy, fov_z])
-    else:
-        fov = np.asarray(fov_mm, dtype=float)
-        an = draw_anatomy(anatomy, top_mm=fov[2] / 2)
-    grid = Grid(shape, fov, body_offset_mm=body_offset)
-    hu, tissue = paint_anatomy(anatomy, grid, an)
-    if not tumor_free:
-        paint_tumors(tumors, grid, an, hu, tissue)
-    image = _scan(scanner, grid, hu, an.scanner)
-
-    label = np.full(shape, BACKGROUND, dtype=np.uint8)
-    label[tissue == TISSUES.index("liver")] = LIVER
-    label[tissue == TISSUES.index("tumor")] = TUMOR
-    affine = np.diag([*grid.spacing, 1.0])
-    affine[:3, 3] = [ax[0] for ax in grid.axes] + world_offset
-    if lps:
-        image, label, tissue = (a[::-1, ::-1, :].copy() for a in (image, label, tissue))
-        flip = _LPS_FLIP.copy()
-        flip[:2, 3] = [shape[0] - 1, shape[1] - 1]
-        affine = affine @ flip
-    return Phantom(image, label, affine, tissue, lps, tumor_free)
-
-
-def _checked_shape(shape) -> tuple[int, int, int]:
-    """``shape`` as three ints, or a LiversegError saying what is allowed."""
-    sizes = tuple(shape)
-    allowed = f"three whole sizes >= {MIN_SIZE} voxels, e.g. --shape 64 64 48"
-    if len(sizes) != 3 or not all(float(n).is_integer() for n in sizes):
-        raise LiversegError(f"phantom shape: expected {allowed}; found {sizes}")
-    if min(sizes) < MIN_SIZE:
-        raise LiversegError(f"phantom shape {sizes} is too small: expected {allowed}")
-    return tuple(int(n) for n in sizes)
 
 
 def generate_case(
@@ -163,20 +97,6 @@ def generate_case(
     return case.image, case.label, case.affine
 
 
-def _scan(rng: np.random.Generator, grid: Grid, hu: np.ndarray, scanner: dict) -> np.ndarray:
-    """Point spread and partial volume (a Gaussian), then quantum noise, then int16.
-
-    Args:
-        hu: Ideal tissue HU, float32 ``(W, H, D)``.
-        scanner: ``psf_mm`` (Gaussian sigma) and ``noise_hu`` (noise sigma).
-    """
-    # A voxel averages its extent (box of width `spacing`, sigma ~0.3 voxel) on top of the PSF.
-    sigma = np.sqrt((scanner["psf_mm"] / grid.spacing) ** 2 + 0.3**2)
-    image = ndimage.gaussian_filter(hu, sigma, mode="nearest")
-    image += rng.standard_normal(hu.shape, dtype=np.float32) * np.float32(scanner["noise_hu"])
-    return np.clip(np.rint(image), *_HU_RANGE).astype(np.int16)
-
-
 def write_dataset(
     out_dir: str | Path,
     cases: int = 8,
@@ -184,6 +104,7 @@ def write_dataset(
     seed: int = 0,
     test_cases: int = 2,
     junk: bool = False,
+    followup: bool = False,
 ) -> Path:
     """Write phantoms in the exact Task03_Liver layout.
 
@@ -199,21 +120,30 @@ def write_dataset(
         test_cases: Unlabeled cases.
         junk: Also write macOS AppleDouble ``._liver_N.nii.gz`` files (not NIfTI) beside the
             real ones in imagesTr, labelsTr and imagesTs, as in the real archive.
+        followup: Also a follow-up scan of every labeled case: ``followup/imagesTr``,
+            ``followup/labelsTr`` and ``followup/truth/liver_N.json``; case ``N`` (baseline)
+            is then ``render_followup(shape, case_seed(seed, N))``'s, whose lesions differ
+            from ``generate_case``'s.
 
     Returns:
         ``out_dir``.
 
     Raises:
-        LiversegError: A negative count, or a shape that is not three sizes >= ``MIN_SIZE``.
+        LiversegError: A negative count, a shape that is not three sizes >= ``MIN_SIZE``, or
+            with ``followup``: no labeled case, or voxels coarser than
+            ``FOLLOWUP_MAX_SPACING_MM``.
     """
     for name, count in (("--cases", cases), ("--test-cases", test_cases)):
         if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
             raise LiversegError(f"{name}: expected a whole number >= 0, found {count!r}")
-    shape = _checked_shape(shape)
+    shape = _checked_followup(cases, shape) if followup else checked_shape(shape)
     out_dir = Path(out_dir)
     training = []
     for index in range(cases):
-        image, label, affine = generate_case(shape, case_seed(seed, index))
+        if followup:
+            image, label, affine = _write_pair(out_dir, shape, case_seed(seed, index), index)
+        else:
+            image, label, affine = generate_case(shape, case_seed(seed, index))
         name = f"liver_{index}.nii.gz"
         save_nifti(image, affine, out_dir / "imagesTr" / name)
         save_nifti(label, affine, out_dir / "labelsTr" / name)
@@ -246,6 +176,27 @@ def write_dataset(
     with atomic_path(out_dir / "dataset.json") as tmp:
         tmp.write_text(json.dumps(manifest, indent=4) + "\n")
     return out_dir
+
+
+def _checked_followup(cases: int, shape) -> tuple[int, int, int]:
+    """The shape, where a dataset with follow-ups can be written; else a LiversegError."""
+    if cases == 0:
+        raise LiversegError(
+            "--followup: expected --cases >= 1 (each labeled case gets a follow-up scan), found 0"
+        )
+    return check_followup_shape(shape)
+
+
+def _write_pair(out_dir: Path, shape, seed: int, index: int):
+    """Write case ``index``'s follow-up and truth; return the baseline's image, label, affine."""
+    name = f"liver_{index}"
+    baseline, followup, truth = render_followup(shape, seed, case_id=name)
+    folder = out_dir / "followup"
+    save_nifti(followup.image, followup.affine, folder / "imagesTr" / f"{name}.nii.gz")
+    save_nifti(followup.label, followup.affine, folder / "labelsTr" / f"{name}.nii.gz")
+    with atomic_path(folder / "truth" / f"{name}.json") as tmp:
+        tmp.write_text(json.dumps(truth, indent=2) + "\n")
+    return baseline.image, baseline.label, baseline.affine
 
 
 def _write_appledouble(path: Path, index: int) -> None:

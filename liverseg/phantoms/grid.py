@@ -92,6 +92,30 @@ def smooth_field(rng, axes, lo, hi, scale_mm) -> np.ndarray:
     return np.ascontiguousarray(np.tensordot(f, mats[2], axes=(1, 1)))
 
 
+def smooth_field_at(rng, points, lo, hi, scale_mm) -> np.ndarray:
+    """:func:`smooth_field`'s field at scattered points (the same draws give the same field).
+
+    Args:
+        rng: Source of the lattice weights.
+        points: Three float arrays of one shape: the points' coordinates (mm).
+        lo: Lower corner (mm) of the lattice's support.
+        hi: Upper corner (mm).
+        scale_mm: Lattice step and bump sigma: the correlation length.
+
+    Returns:
+        float32, the shape of ``points[0]``, unit variance at every point.
+    """
+    mats = []
+    for c, a, b in zip(points, lo, hi):
+        nodes = np.arange(a - 2 * scale_mm, b + 2 * scale_mm + 1e-3, scale_mm)
+        w = np.exp(-0.5 * ((np.ravel(c)[:, None] - nodes[None, :]) / scale_mm) ** 2)
+        mats.append((w / np.sqrt((w**2).sum(1, keepdims=True))).astype(np.float32))
+    coef = rng.standard_normal([m.shape[1] for m in mats], dtype=np.float32)
+    f = np.einsum("ni,ijk->njk", mats[0], coef)
+    f = np.einsum("njk,nj->nk", f, mats[1])
+    return np.einsum("nk,nk->n", f, mats[2]).reshape(np.shape(points[0]))
+
+
 def texture(rng, shape, sigma_vox) -> np.ndarray:
     """Fine correlated noise of unit std (parenchyma grain), float32 ``shape``."""
     noise = rng.standard_normal(shape, dtype=np.float32)

@@ -1,13 +1,16 @@
-"""Liver lesions of a phantom: sizes, placement, contrast kinds and soft margins."""
+"""Liver lesions of a phantom: drawn (sizes, places, contrast kinds), then painted (lobulated, soft
+margins), as two steps so a follow-up can paint lesions it chose itself."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
 from scipy.special import expit
 
 from liverseg.phantoms.anatomy import Anatomy
-from liverseg.phantoms.grid import TISSUE_CODE, Grid, smooth_field, texture
+from liverseg.phantoms.grid import TISSUE_CODE, Grid, smooth_field, smooth_field_at, texture
 
 MAX_TUMORS = 12
 TUMOR_RADIUS_MM = (2.0, 30.0)
@@ -33,6 +36,30 @@ RIM_MIN_RADIUS_MM = 8.0
 NECROSIS_MIN_RADIUS_MM = 12.0
 _KIND_NAMES = tuple(KINDS)
 _KIND_P = tuple(share for share, _ in KINDS.values())
+# Half width, in radii, of the lattice of a seeded lesion's lobulation (its box: ~2.3 radii).
+_UNIT_BOX = 3.0
+
+
+@dataclass(frozen=True)
+class Lesion:
+    """One lesion to paint, in the case's patient frame.
+
+    Attributes:
+        centre_mm: Centre ``(x, y, z)``, mm.
+        radius_mm: Radius, mm (the margin's ``d = 1``).
+        kind: A key of :data:`KINDS`.
+        looks: Five uniform draws in [0, 1) (see :func:`lesion_profile`).
+        seed: ``None``: its lobulation and grain come from the stream given to
+            :func:`paint_lesions`, in turn. Else from its own stream with this seed, lobulation
+            fixed in units of the radius: the same seed at another radius gives the same shape,
+            scaled (a lesion that grew or shrank between two scans).
+    """
+
+    centre_mm: np.ndarray
+    radius_mm: float
+    kind: str
+    looks: np.ndarray
+    seed: int | None = None
 
 
 def paint_tumors(rng: np.random.Generator, grid: Grid, an: Anatomy, hu, tissue) -> None:
@@ -51,6 +78,20 @@ def paint_tumors(rng: np.random.Generator, grid: Grid, an: Anatomy, hu, tissue) 
         hu: Ideal HU, float32 ``(W, H, D)``, changed in place.
         tissue: Tissue ids, uint8 ``(W, H, D)``, changed in place.
     """
+    paint_lesions(rng, grid, an, hu, tissue, draw_lesions(rng, grid, tissue))
+
+
+def draw_lesions(rng: np.random.Generator, grid: Grid, tissue: np.ndarray) -> list[Lesion]:
+    """The lesions :func:`paint_tumors` paints: count, radii, kinds, looks and places.
+
+    Args:
+        rng: The tumor stream; :func:`paint_lesions` then continues it.
+        grid: The case's grid.
+        tissue: Tissue ids of the tumor-free case, uint8 ``(W, H, D)``.
+
+    Returns:
+        1-12 lesions, or none where the grid holds no liver.
+    """
     count = min(MAX_TUMORS, int(rng.geometric(0.3)))
     lo, hi = np.log(TUMOR_RADIUS_MM)
     radii = np.exp(rng.uniform(lo, hi, MAX_TUMORS))
@@ -59,16 +100,50 @@ def paint_tumors(rng: np.random.Generator, grid: Grid, an: Anatomy, hu, tissue) 
     at_edge = rng.random(MAX_TUMORS) < 0.3
     where = rng.random(MAX_TUMORS)
     looks = rng.random((MAX_TUMORS, 5))
+    bbox, distance = liver_depth(grid, tissue)
+    if bbox is None:
+        return []
+    lesions = []
+    for k in range(count):
+        centre, radius = _place_tumor(grid, bbox, distance, radii[k], at_edge[k], where[k])
+        lesions.append(Lesion(centre, radius, _KIND_NAMES[kinds[k]], looks[k]))
+    return lesions
+
+
+def liver_depth(grid: Grid, tissue: np.ndarray):
+    """The liver's bounding box and each of its voxels' distance (mm) to the nearest non-liver.
+
+    Returns:
+        ``(bbox, distance)``: a tuple of three slices and float64 distances over that box (0
+        outside the liver); ``(None, None)`` where there is no liver voxel.
+    """
     found = ndimage.find_objects((tissue == TISSUE_CODE["liver"]).astype(np.uint8))
     if not found or found[0] is None:
-        return
+        return None, None
     bbox = found[0]
     distance = ndimage.distance_transform_edt(
         tissue[bbox] == TISSUE_CODE["liver"], sampling=grid.spacing
     )
-    for k in range(count):
-        centre, radius = _place_tumor(grid, bbox, distance, radii[k], at_edge[k], where[k])
-        _paint_tumor(rng, grid, an, hu, tissue, centre, radius, _KIND_NAMES[kinds[k]], looks[k])
+    return bbox, distance
+
+
+def paint_lesions(rng, grid: Grid, an: Anatomy, hu, tissue, lesions) -> list:
+    """Paint lesions in turn (a later one wins where two overlap); only liver voxels change.
+
+    Args:
+        rng: Stream of the lobulation and grain of lesions without a ``seed`` (``None`` where
+            every lesion has one).
+        grid: The case's grid.
+        an: The case's anatomy (liver HU).
+        hu: Ideal HU, float32 ``(W, H, D)``, changed in place.
+        tissue: Tissue ids, uint8 ``(W, H, D)``, changed in place.
+        lesions: The :class:`Lesion` s, in painting order.
+
+    Returns:
+        Per lesion, ``(slices, mask)``: the voxels it made ``tumor`` (``mask`` bool over the
+        box ``slices``), or ``None`` where it lies outside the grid.
+    """
+    return [_paint_tumor(rng, grid, an, hu, tissue, lesion) for lesion in lesions]
 
 
 def _place_tumor(grid, bbox, distance, radius, at_edge, where):
@@ -87,26 +162,66 @@ def _place_tumor(grid, bbox, distance, radius, at_edge, where):
     return np.array(centre), float(radius)
 
 
-def _paint_tumor(rng, grid, an, hu, tissue, centre, radius, kind, looks) -> None:
+def _paint_tumor(rng, grid, an, hu, tissue, lesion: Lesion):
     """One lobulated lesion with a soft margin; only liver voxels change."""
-    ext = 1.3 * radius + 2 + grid.spacing
-    sl, (X, Y, Z) = grid.box(centre - ext, centre + ext)
+    centre, radius = lesion.centre_mm, lesion.radius_mm
+    ext = lesion_extent_mm(lesion, grid.spacing)
+    sl, points = grid.box(centre - ext, centre + ext)
     if sl is None:
-        return
-    coords = [ax[s] for ax, s in zip(grid.axes, sl)]
-    lobes = smooth_field(rng, coords, centre - ext, centre + ext, max(0.6 * radius, 2.0))
+        return None
+    if lesion.seed is None:
+        coords = [ax[s] for ax, s in zip(grid.axes, sl)]
+        lobes = smooth_field(rng, coords, centre - ext, centre + ext, max(0.6 * radius, 2.0))
+    else:
+        rng, lobes = np.random.default_rng(lesion.seed), None
+    return sl, _paint_box(rng, grid.spacing, an, hu[sl], tissue[sl], lesion, points, lobes)
+
+
+def lesion_extent_mm(lesion: Lesion, spacing_mm) -> np.ndarray:
+    """Half size ``(x, y, z)`` of the box a lesion is painted in, mm (its margin and more)."""
+    return 1.3 * lesion.radius_mm + 2 + np.asarray(spacing_mm)
+
+
+def paint_lesion_at(spacing_mm, an: Anatomy, hu, tissue, lesion: Lesion, points) -> np.ndarray:
+    """Paint a seeded lesion into voxels whose patient-frame positions are given, one by one.
+
+    For a scan whose voxels are not the case's grid (a follow-up, moved and breathing): the
+    lesion is sampled where each voxel lies in the patient, not resampled from another grid.
+
+    Args:
+        spacing_mm: The voxels' spacing ``(x, y, z)``, mm (the scale of the lesion's grain).
+        an: The case's anatomy (liver HU).
+        hu: Ideal HU of a box of voxels, float32 ``(w, h, d)``, changed in place.
+        tissue: Their tissue ids, uint8 ``(w, h, d)``, changed in place.
+        lesion: A :class:`Lesion` with a ``seed``.
+        points: The voxels' patient-frame ``(X, Y, Z)``, mm, three float arrays ``(w, h, d)``.
+
+    Returns:
+        bool ``(w, h, d)``: the voxels it made ``tumor``.
+    """
+    rng = np.random.default_rng(lesion.seed)
+    return _paint_box(rng, np.asarray(spacing_mm), an, hu, tissue, lesion, points, None)
+
+
+def _paint_box(rng, spacing, an, region, region_t, lesion: Lesion, points, lobes) -> np.ndarray:
+    """Paint ``lesion`` into a box's HU and tissue views; ``lobes`` ``None``: its own (seeded)."""
+    centre, radius, looks = lesion.centre_mm, lesion.radius_mm, lesion.looks
+    X, Y, Z = points
+    if lobes is None:
+        units = [(c - c0) / radius for c, c0 in zip(np.broadcast_arrays(X, Y, Z), centre)]
+        lobes = smooth_field_at(rng, units, (-_UNIT_BOX,) * 3, (_UNIT_BOX,) * 3, 0.6)
     d = np.sqrt((X - centre[0]) ** 2 + (Y - centre[1]) ** 2 + (Z - centre[2]) ** 2) / radius
     d = d + 0.12 * looks[0] * lobes
-    profile = lesion_profile(kind, radius, d, looks)
-    grain = texture(rng, d.shape, 1.5 / grid.spacing)
+    profile = lesion_profile(lesion.kind, radius, d, looks)
+    grain = texture(rng, d.shape, 1.5 / spacing)
     softness = 0.04 + 0.11 * looks[3]
     weight = expit((1 - d) / softness)
-    region_t = tissue[sl]
     liver = (region_t == TISSUE_CODE["liver"]) | (region_t == TISSUE_CODE["tumor"])
-    lesion = an.hu["liver"] + profile + (4 + 6 * looks[4]) * grain
-    region = hu[sl]
-    region[liver] = ((1 - weight) * region + weight * lesion)[liver]
-    region_t[liver & (d <= 1)] = TISSUE_CODE["tumor"]
+    lesion_hu = an.hu["liver"] + profile + (4 + 6 * looks[4]) * grain
+    region[liver] = ((1 - weight) * region + weight * lesion_hu)[liver]
+    painted = liver & (d <= 1)
+    region_t[painted] = TISSUE_CODE["tumor"]
+    return painted
 
 
 def lesion_profile(kind: str, radius_mm: float, d: np.ndarray, looks: np.ndarray) -> np.ndarray:

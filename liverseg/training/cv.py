@@ -27,7 +27,7 @@ from liverseg.constants import DICE_CLASSES
 from liverseg.data.splits import folds_path, load_or_create_folds
 from liverseg.errors import ConfigError, TrainingError
 from liverseg.evaluation.folders import PRED_SUFFIXES, Evaluation, evaluate_pairs, pair_cases
-from liverseg.inference.batch import safe_name
+from liverseg.inference.inputs import safe_name
 from liverseg.io import atomic_path, remove_stale_temp_files
 from liverseg.training import distributed
 from liverseg.training.fit import fit

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-import math
 import os
 import pickle
 from collections.abc import Callable
@@ -29,21 +28,20 @@ import torch.distributed as dist
 
 from liverseg.devices import resolve_device
 from liverseg.errors import ConfigError, LiversegError, TrainingError
+from liverseg.torchrun import (  # noqa: F401 - also this module's names
+    DEFAULT_SETUP_TIMEOUT_S,
+    SETUP_TIMEOUT_ENV,
+    launched,
+    timeout_s,
+)
 
 log = logging.getLogger(__name__)
 
 TIMEOUT_ENV = "LIVERSEG_DIST_TIMEOUT_S"
-SETUP_TIMEOUT_ENV = "LIVERSEG_DIST_SETUP_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 300.0
-DEFAULT_SETUP_TIMEOUT_S = 3600.0
 
 T = TypeVar("T")
 _waits: dist.ProcessGroup | None = None  # the gloo group of the long waits
-
-
-def launched() -> bool:
-    """Whether torchrun (or another launcher) started this process as one rank of several."""
-    return "WORLD_SIZE" in os.environ
 
 
 def is_distributed() -> bool:
@@ -64,27 +62,6 @@ def world_size() -> int:
 def is_main() -> bool:
     """Whether this process is rank 0, the one that writes the run folder."""
     return rank() == 0
-
-
-def timeout_s(name: str, default: float) -> float:
-    """The seconds in environment variable ``name``, or ``default`` when it is unset.
-
-    Raises:
-        ConfigError: The variable is set to something other than a number of seconds > 0.
-    """
-    text = os.environ.get(name)
-    if text is None:
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not value > 0 or math.isinf(value):
-        raise ConfigError(
-            f"environment variable {name}={text!r}: expected a number of seconds > 0 "
-            f"(unset it for the default, {default:.0f} s)"
-        )
-    return value
 
 
 def _rank_device(name: str, local_rank: int) -> torch.device:

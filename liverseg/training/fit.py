@@ -1,21 +1,21 @@
-"""Training: ``fit()`` reads top to bottom: data, model, resume, epochs, validation, checkpoints.
+"""Training: ``fit()`` reads top to bottom: start, data, epochs (train, validate, record), finish.
 
 The run folder holds the resolved ``config.yaml``, ``split.json``, ``metrics.csv`` (one row per
 epoch), ``curves.png`` and ``checkpoints/{last,best}.pt``. What is checked before training starts
-lives in :mod:`liverseg.training.preflight`, the epoch record in :mod:`liverseg.training.history`,
-what a checkpoint holds in :mod:`liverseg.checkpoints`. Under torchrun every rank runs ``fit()``
-in DistributedDataParallel (:mod:`liverseg.training.distributed`): rank 0 alone prepares and
-writes the run folder, each rank trains on its share of the cases and validates its share.
+lives in :mod:`liverseg.training.preflight`, the run's start (what rank 0 prepares and shares,
+the model built or resumed on every rank) in :mod:`liverseg.training.run_start`, the epoch record
+in :mod:`liverseg.training.history`, what a checkpoint holds in :mod:`liverseg.checkpoints`. Under
+torchrun every rank runs ``fit()`` in DistributedDataParallel
+(:mod:`liverseg.training.distributed`): rank 0 alone prepares and writes the run folder, each rank
+trains on its share of the cases and validates its share.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import random
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,20 +23,11 @@ import torch
 import torchio as tio
 from tqdm import tqdm
 
-from liverseg.checkpoints import (
-    build_model,
-    inference_settings,
-    preprocessing_record,
-    restore_training_state,
-    saved_history,
-    saved_world_size,
-    training_state,
-)
-from liverseg.config import Config, check_config, save_config
+from liverseg.checkpoints import inference_settings, preprocessing_record, training_state
+from liverseg.config import Config, check_config
 from liverseg.constants import CASE_ID, DICE_CLASSES, IMAGE, LABEL
 from liverseg.data.cases import Case
-from liverseg.data.splits import load_or_create_fold_split, load_or_create_split
-from liverseg.devices import autocast_dtype, training_layout
+from liverseg.devices import training_layout
 from liverseg.errors import TrainingError
 from liverseg.evaluation.metrics import case_dice
 from liverseg.inference.settings import InferenceSettings
@@ -45,21 +36,12 @@ from liverseg.io import read_labels
 from liverseg.labels import head_for_loss
 from liverseg.training import distributed
 from liverseg.training.cache import build_shared_cache
-from liverseg.training.history import metrics_row, resume_history
+from liverseg.training.history import metrics_row
 from liverseg.training.loader import PatchSettings, build_loader, set_loader_epoch
 from liverseg.training.losses import compute_loss
 from liverseg.training.lr_schedules import learning_rate
-from liverseg.training.preflight import (
-    check_run_writable,
-    check_world_size,
-    find_training_cases,
-    resume_state,
-)
-from liverseg.training.run_folder import (
-    record_epoch,
-    remove_stale_temps,
-    write_final_predictions,
-)
+from liverseg.training.run_folder import record_epoch, write_final_predictions
+from liverseg.training.run_start import Run, start_run
 
 log = logging.getLogger(__name__)
 
@@ -202,140 +184,16 @@ def build_training_loader(
     )  # fmt: skip
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's global random generators with ``seed``."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def build_training_state(config: Config, device: torch.device, dtype: torch.dtype | None):
-    """A fresh model (in the training layout), its Adam optimizer and grad scaler on ``device``."""
-    model = build_model(config).to(device)
-    model = model.to(memory_format=training_layout(device, dtype))
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    return model, optimizer, scaler
-
-
-def split_cases(config: Config, run_dir: Path) -> tuple[list[Case], list[Case]]:
-    """The run's training and validation cases: the dataset found and checked, then split.
-
-    The split is written once to ``<run_dir>/split.json`` (or read from ``data.split_file``) and
-    read back on every later run; with ``data.folds`` it is fold ``data.fold`` of the dataset's
-    k-fold splits file.
-    """
-    cases = find_training_cases(config)
-    by_id, data = {case.case_id: case for case in cases}, config.data
-    if data.folds is not None:
-        split = load_or_create_fold_split(
-            run_dir / "split.json", data.root, list(by_id), data.folds, data.fold, data.split_seed
-        )
-    else:
-        split = load_or_create_split(
-            run_dir / "split.json", list(by_id), data.num_train, data.split_seed, data.split_file
-        )
-    return [by_id[i] for i in split["train"]], [by_id[i] for i in split["val"]]
-
-
-@dataclass
-class _Run:
-    """What a training run carries from one epoch to the next.
-
-    ``model`` is the plain model (validated, checkpointed); ``trained`` is what the optimizer
-    steps through: ``model`` itself, or its DistributedDataParallel wrapper under torchrun.
-    """
-
-    config: Config
-    dir: Path
-    train_cases: list[Case]
-    val_cases: list[Case]
-    device: torch.device
-    dtype: torch.dtype | None
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    start_epoch: int = 1
-    best_metric: float = -math.inf
-    rows: list[dict] = field(default_factory=list)
-    trained: torch.nn.Module | None = None
-
-    @property
-    def last(self) -> Path:
-        return self.dir / "checkpoints" / "last.pt"
-
-    @property
-    def best(self) -> Path:
-        return self.dir / "checkpoints" / "best.pt"
-
-
-@dataclass
-class _Start:
-    """What rank 0 prepares for every rank: the split, and the checkpoint and rows to resume."""
-
-    train_cases: list[Case]
-    val_cases: list[Case]
-    checkpoint: dict | None
-    rows: list[dict]
-
-
-def _prepare_run(config: Config) -> _Start:
-    """Rank 0's part of the start: check and clean the run folder, split, check the resume, save
-    the config, and read back (or repair) the metrics rows of the run it resumes."""
-    check_run_writable(config)
-    remove_stale_temps(config)
-    run_dir = Path(config.run.dir)
-    train_cases, val_cases = split_cases(config, run_dir)
-    last = run_dir / "checkpoints" / "last.pt"
-    checkpoint = resume_state(config, last)
-    save_config(config, run_dir / "config.yaml")
-    rows = []
-    if checkpoint is not None:
-        rows = resume_history(
-            run_dir / "metrics.csv", checkpoint["epoch"], saved_history(checkpoint), last
-        )
-    return _Start(train_cases, val_cases, checkpoint, rows)
-
-
-def _start_run(config: Config, device: torch.device) -> _Run:
-    """Prepare the run (rank 0), seed, then build or resume model and optimizer on every rank."""
-    start = distributed.run_on_main(lambda: _prepare_run(config))
-    check_world_size(len(start.train_cases), distributed.world_size())
-    seed_everything(config.train.seed)
-    dtype = autocast_dtype(config.train.amp, device)
-    model, optimizer, scaler = build_training_state(config, device, dtype)
-    run = _Run(
-        config, Path(config.run.dir), start.train_cases, start.val_cases, device, dtype,
-        model, optimizer, scaler,
-    )  # fmt: skip
-    if start.checkpoint is not None:
-        _resume(run, start.checkpoint, start.rows)
-    if distributed.world_size() > 1:
-        # The same model on every rank, but each rank its own patches and augmentations.
-        seed_everything(int(torch.randint(2**31, ())) + distributed.rank())
-        distributed.log_global_batch(config.data.batch_size)
-    run.trained = distributed.wrap_model(model, device)
-    return run
-
-
-def _resume(run: _Run, checkpoint: dict, rows: list[dict]) -> None:
-    """Continue ``run`` from ``checkpoint``: states, epoch, best metric and metrics rows."""
-    restore_training_state(checkpoint, run.model, run.optimizer, run.scaler)
-    run.start_epoch, run.best_metric = checkpoint["epoch"] + 1, checkpoint["best_metric"]
-    run.rows = rows
-    log.info("resuming %s at epoch %d", run.last, run.start_epoch)
-    before, now = saved_world_size(checkpoint), distributed.world_size()
-    if before != now:
-        batch = run.config.data.batch_size
-        log.info(
-            "%s was trained by %d process(es), this run has %d: the global batch goes from "
-            "%d to %d (data.batch_size=%d per process)",
-            run.last, before, now, batch * before, batch * now, batch,
-        )  # fmt: skip
+def _preprocessing(config: Config) -> dict:
+    """The preprocessing every checkpoint records, from which validation predicts as users will."""
+    data = config.data
+    return preprocessing_record(
+        data.hu_min, data.hu_max, data.factor, head_for_loss(config.train.loss), data.spacing_mm
+    )
 
 
 def _run_epoch(
-    run: _Run, epoch: int, loader, settings: InferenceSettings, preprocessing: dict
+    run: Run, epoch: int, loader, settings: InferenceSettings, preprocessing: dict
 ) -> dict[str, float]:
     """Set the epoch's lr, train, validate when due, record the epoch; its validation Dice."""
     config, started = run.config, time.perf_counter()
@@ -369,7 +227,7 @@ def _run_epoch(
     return scores
 
 
-def _record(run: _Run, epoch: int, loss: float, improved: bool, preprocessing: dict) -> None:
+def _record(run: Run, epoch: int, loss: float, improved: bool, preprocessing: dict) -> None:
     """Write the epoch's row, its checkpoints (not for a NaN loss) and curves: rank 0's job."""
     state = None
     if math.isfinite(loss):  # NaN is never saved
@@ -380,7 +238,7 @@ def _record(run: _Run, epoch: int, loss: float, improved: bool, preprocessing: d
     record_epoch(run.dir, run.rows, state, [run.last, run.best] if improved else [run.last])
 
 
-def _finish_run(run: _Run, scores: dict[str, float]) -> dict:
+def _finish_run(run: Run, scores: dict[str, float]) -> dict:
     """Write the final validation predictions when asked; the result :func:`fit` returns."""
     if run.config.run.final_predictions and run.val_cases and distributed.is_main():
         # The final model, not best.pt: a best picked on a few validation cases was never
@@ -405,16 +263,10 @@ def fit(config: Config) -> dict:
     """
     check_config(config)
     device = distributed.init_from_env(config.train.device)
-    run = _start_run(config, device)
+    run = start_run(config, device)
     cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else run.dir / "cache"
     loader = build_training_loader(config, run.train_cases, cache_dir, run.device.type == "cuda")
-    preprocessing = preprocessing_record(
-        config.data.hu_min,
-        config.data.hu_max,
-        config.data.factor,
-        head_for_loss(config.train.loss),
-        config.data.spacing_mm,
-    )
+    preprocessing = _preprocessing(config)
     settings = inference_settings(config, preprocessing)
     scores: dict[str, float] = {}
     for epoch in tqdm(

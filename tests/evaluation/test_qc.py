@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from liverseg.constants import BACKGROUND, LIVER, TUMOR
+from liverseg.constants import LIVER, TUMOR
 from liverseg.errors import DataError
 from liverseg.evaluation.qc import OK, REVIEW, QcThresholds, case_qc, mean_entropy, summary_text
 from liverseg.evaluation.report import case_report, format_report, lesion_table
@@ -89,7 +89,10 @@ def test_uncertainty_is_flagged_only_above_its_threshold():
     qc = case_qc(labels, affine(), regions, thresholds=thresholds)
     assert qc["liver_entropy"] == pytest.approx(1.0, abs=1e-4)
     assert qc["reasons"] == ["uncertain liver (mean entropy 1.000 > 0.200 bits)"]
-    assert case_qc(labels, affine(), regions)["status"] == OK  # no threshold: not checked
+    unchecked = QcThresholds(liver_entropy=None, tumor_entropy=None)
+    assert case_qc(labels, affine(), regions, thresholds=unchecked)["status"] == OK
+    # The defaults (set on phantoms with the demo model) flag a liver this uncertain.
+    assert case_qc(labels, affine(), regions)["status"] == REVIEW
 
 
 def test_warnings_and_untrusted_spacing_are_reasons():
@@ -117,7 +120,7 @@ def test_lesion_confidence_in_the_table_and_the_report():
     assert qc["low_confidence_lesions"] == [1]
     report["qc"] = qc
     assert "confidence 0.40" in format_report(report)
-    assert "quality control: ok" in format_report(report)
+    assert "quality control: review: uncertain tumor" in format_report(report)
     assert lesion_table(labels, affine())[0]["confidence"] is None
     with pytest.raises(DataError, match="do not match"):
         case_qc(labels, affine(), regions[:, :10])

@@ -14,7 +14,8 @@ from conftest import write_tiny_checkpoint
 from liverseg.cli import main
 from liverseg.constants import BACKGROUND, LIVER, TUMOR
 from liverseg.errors import CheckpointError
-from liverseg.inference.batch import collect_inputs, predict_paths, safe_name
+from liverseg.inference.batch import predict_paths
+from liverseg.inference.inputs import collect_inputs, safe_name
 from liverseg.model import UNet3D
 
 torch.set_num_threads(1)
@@ -176,21 +177,21 @@ def test_real_ct_predicts_and_reports(real_ct, tmp_path, checkpoint):
 def test_inputs_of_a_prepared_folder_are_not_reduced_again(
     tmp_path, checkpoint, folder, monkeypatch, caplog
 ):
-    import liverseg.inference.batch
+    import liverseg.inference.share
 
     root = tmp_path / "Task03_prepared"
     prepared_ct = write_ct(root / folder / "liver_3.nii.gz")
     (root / "prepare.json").write_text(json.dumps({"factor": 2, "source_dir": "src", "cases": {}}))
     original_ct = write_ct(tmp_path / "originals" / folder / "liver_4.nii.gz")
     prepared = []
-    predict_volume = liverseg.inference.batch.predict_volume
+    predict_volume = liverseg.inference.share.predict_volume
 
     def spy(model, image, settings, **kwargs):
         prepared.append(kwargs["prepared"])
         return predict_volume(model, image, settings, **kwargs)
 
-    monkeypatch.setattr(liverseg.inference.batch, "predict_volume", spy)
-    with caplog.at_level("INFO", logger="liverseg.inference.batch"):
+    monkeypatch.setattr(liverseg.inference.share, "predict_volume", spy)
+    with caplog.at_level("INFO", logger="liverseg.inference.share"):
         failures = predict_paths(checkpoint, [prepared_ct, original_ct], tmp_path / "out")
     assert failures == []
     assert prepared == [True, False]  # the checkpoint's factor is 2: only the original is reduced
@@ -280,6 +281,8 @@ def test_implausible_intensities_are_warned_in_report_and_summary(tmp_path, chec
         # Implausible CT values are a reason for review, in the report and in summary.csv.
         assert report["qc"]["status"] == "review"
         assert any(r.startswith(f"CT values: {words}") for r in report["qc"]["reasons"])
-        assert rows[name]["qc"].startswith("review: ") and f"; CT values: {words}" in rows[name]["qc"]
+        assert (
+            rows[name]["qc"].startswith("review: ") and f"; CT values: {words}" in rows[name]["qc"]
+        )
     with (out / "summary.csv").open() as f:
         assert f.readline().strip().endswith(",status,qc,input,checkpoints,warnings")

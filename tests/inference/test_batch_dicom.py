@@ -14,7 +14,8 @@ pydicom = pytest.importorskip("pydicom")
 from dicom_series import write_ct_series, write_other_objects  # noqa: E402
 
 from liverseg.cli import main  # noqa: E402
-from liverseg.inference.batch import collect_inputs, predict_paths  # noqa: E402
+from liverseg.inference.batch import predict_paths  # noqa: E402
+from liverseg.inference.inputs import collect_inputs  # noqa: E402
 from liverseg.io import read_volume, save_nifti  # noqa: E402
 from liverseg.phantoms import generate_case  # noqa: E402
 
@@ -79,3 +80,32 @@ def test_cli_series_option_reads_the_named_series(tmp_path, phantom, tiny_checkp
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(errors) == 1 and errors[0].startswith(f"error: {folder}: DataError: {folder}: ")
     assert "holds no CT series 1.2.3; its CT series: series" in errors[0] and short in errors[0]
+
+
+def test_format_both_writes_a_dicom_seg_equal_to_the_nifti_output(tmp_path, tiny_checkpoint):
+    pytest.importorskip("highdicom")
+    from liverseg.io.dicom_seg import read_dicom_seg
+
+    image, _, affine = generate_case((32, 28, 16), seed=7, lps=True)
+    folder = tmp_path / "pacs"
+    write_ct_series(folder, image, affine, seed=3)  # shuffled names, LPS
+    write_ct_series(
+        folder, image[:, :, :1], affine, image_type=("ORIGINAL", "PRIMARY", "LOCALIZER")
+    )
+    write_other_objects(folder)
+    save_nifti(image, affine, tmp_path / "nifti" / "ct.nii.gz")
+    code = main(["predict", "--checkpoint", str(tiny_checkpoint), str(folder),
+                 str(tmp_path / "nifti"), "--out", str(tmp_path / "out"), "--device", "cpu",
+                 "--format", "both"])  # fmt: skip
+    assert code == 1  # the NIfTI input cannot get a DICOM-SEG; the series is predicted
+    nifti = np.asarray(nib.load(tmp_path / "out" / "pacs_seg.nii.gz").dataobj)
+    seg = read_dicom_seg(tmp_path / "out" / "pacs_seg.dcm", folder)
+    np.testing.assert_array_equal(seg, nifti)
+    with (tmp_path / "out" / "summary.csv").open() as f:
+        rows = {row["case_id"]: row for row in csv.DictReader(f)}
+    assert rows["pacs"]["status"] == "ok"
+    assert (
+        rows["ct"]["status"].startswith("failed: DataError")
+        and "not a series folder" in (rows["ct"]["status"])
+    )
+    assert not (tmp_path / "out" / "ct_seg.nii.gz").exists()

@@ -29,15 +29,10 @@ from liverseg.phantoms import write_dataset
 from liverseg.training import distributed
 from liverseg.training.cache import find_cached
 from liverseg.training.cv import cross_validate
-from liverseg.training.fit import (
-    build_training_state,
-    fit,
-    seed_everything,
-    train_one_epoch,
-    validate,
-)
+from liverseg.training.fit import fit, train_one_epoch, validate
 from liverseg.training.loader import RankShareSampler
 from liverseg.training.preflight import check_world_size
+from liverseg.training.run_start import build_training_state, seed_everything
 
 REPO = Path(__file__).resolve().parents[2]
 # A safety net against a hung launch, not a speed limit: the runs take seconds.

@@ -342,6 +342,7 @@ def one_case_epoch(phantom_root, tmp_path, monkeypatch, iterations, *extra, loss
     """
     import liverseg.training.fit as train
     from liverseg.training.preflight import find_training_cases
+    from liverseg.training.run_start import build_training_state
 
     config = load_config(
         None,
@@ -354,7 +355,7 @@ def one_case_epoch(phantom_root, tmp_path, monkeypatch, iterations, *extra, loss
     loader = train.build_training_loader(config, case, tmp_path / "cache")
     assert len(loader) == 3
     device = torch.device("cpu")
-    model, optimizer, scaler = train.build_training_state(config, device, None)
+    model, optimizer, scaler = build_training_state(config, device, None)
     sizes, real_loss = [], train.compute_loss
 
     def counting_loss(logits, label, name):
@@ -556,9 +557,7 @@ def test_validation_does_not_change_what_training_draws(phantom_root, tmp_path):
         torch.testing.assert_close(weights[1][key], value, rtol=0, atol=0)
 
 
-def test_a_target_spacing_run_records_it_and_predicts_in_the_input_geometry(
-    phantom_root, tmp_path
-):
+def test_a_target_spacing_run_records_it_and_predicts_in_the_input_geometry(phantom_root, tmp_path):
     import nibabel as nib
 
     from liverseg.checkpoints import load_model
