@@ -60,6 +60,19 @@ def rank_env() -> RankEnv:
     return env
 
 
+def join_failure(exc: BaseException) -> str:
+    """Why joining the process group failed, with the environment torchrun should have set.
+
+    ``"WORLD_SIZE=2, RANK=1, ..., MASTER_PORT=(unset): <the error's first line>"``.
+    """
+    found = ", ".join(
+        f"{name}={os.environ.get(name, '(unset)')}"
+        for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    )
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return f"({found}): {reason}"
+
+
 def timeout_s(name: str, default: float) -> float:
     """The seconds in environment variable ``name``, or ``default`` when it is unset.
 

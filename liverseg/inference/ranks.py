@@ -12,7 +12,6 @@ naming the rank; the cases already written stay valid.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -22,7 +21,13 @@ import torch.distributed as dist
 
 from liverseg.errors import LiversegError, WorkerError
 from liverseg.inference.workers import Worker, transportable
-from liverseg.torchrun import DEFAULT_SETUP_TIMEOUT_S, SETUP_TIMEOUT_ENV, rank_env, timeout_s
+from liverseg.torchrun import (
+    DEFAULT_SETUP_TIMEOUT_S,
+    SETUP_TIMEOUT_ENV,
+    join_failure,
+    rank_env,
+    timeout_s,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +51,8 @@ def join_ranks(device: str) -> Worker:
     try:
         dist.init_process_group("gloo", timeout=timeout)
     except (ValueError, RuntimeError) as exc:
-        found = ", ".join(
-            f"{name}={os.environ.get(name, '(unset)')}"
-            for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-        )
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise LiversegError(
-            f"cannot join the gloo process group ({found}): {reason}; start with "
+            f"cannot join the gloo process group {join_failure(exc)}; start with "
             "`torchrun --nproc_per_node=N -m liverseg predict ...`, or unset WORLD_SIZE"
         ) from None
     if own.startswith("cuda"):

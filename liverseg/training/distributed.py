@@ -31,6 +31,7 @@ from liverseg.errors import ConfigError, LiversegError, TrainingError
 from liverseg.torchrun import (  # noqa: F401 - also this module's names
     DEFAULT_SETUP_TIMEOUT_S,
     SETUP_TIMEOUT_ENV,
+    join_failure,
     launched,
     timeout_s,
 )
@@ -136,13 +137,8 @@ def _join(backend: str, timeout: timedelta) -> None:
     try:
         dist.init_process_group(backend, timeout=timeout)
     except (ValueError, RuntimeError) as exc:
-        found = ", ".join(
-            f"{name}={os.environ.get(name, '(unset)')}"
-            for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-        )
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise TrainingError(
-            f"cannot join the {backend} process group ({found}): {reason}; start training with "
+            f"cannot join the {backend} process group {join_failure(exc)}; start training with "
             "`torchrun --nproc_per_node=N main.py ...`, or unset WORLD_SIZE to train in one "
             "process"
         ) from None
