@@ -259,6 +259,18 @@ def _spacing_problems(config: Config) -> Iterator[_Problem]:
         )
 
 
+def _mirror_problems(config: Config) -> Iterator[_Problem]:
+    axes = list(config.data.mirror_axes)
+    if any(isinstance(a, bool) or a not in (0, 1, 2) for a in axes) or len(set(axes)) != len(axes):
+        yield (
+            ("data.mirror_axes",),
+            (
+                f"{_show(config, 'data.mirror_axes')}: expected distinct axes among 0 (left-right), "
+                "1 (anterior-posterior), 2 (inferior-superior), e.g. [0, 1, 2], or [] for none"
+            ),
+        )
+
+
 def _agreement_problems(config: Config) -> Iterator[_Problem]:
     """Keys that are valid alone but not together."""
     yield from _hu_window_problems(config)
@@ -266,6 +278,7 @@ def _agreement_problems(config: Config) -> Iterator[_Problem]:
     yield from _level_problems(config)
     yield from _sampling_problems(config)
     yield from _fold_problems(config)
+    yield from _mirror_problems(config)
 
 
 def check_config(config: Config, source: str | Callable[[str], str] = "config") -> None:

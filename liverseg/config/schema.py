@@ -53,6 +53,10 @@ class DataConfig:
     augment: bool = True
     scales: tuple[float, float] = (0.9, 1.1)
     degrees: tuple[float, float] = (-10.0, 10.0)
+    # Mirroring augmentation: each patch is flipped along each of these canonical RAS axes
+    # (0 left-right, 1 anterior-posterior, 2 inferior-superior) with probability 0.5, as
+    # nnU-Net trains. Empty (the seed): none. Mirroring TTA (inference.tta_flips) needs it.
+    mirror_axes: tuple[int, ...] = ()
     # Preprocessed arrays are cached here (default: <run.dir>/cache).
     cache_dir: str | None = None
     # Label affines that differ from the image's by more than this (mm) are an error,

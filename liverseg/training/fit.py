@@ -175,7 +175,7 @@ def build_training_loader(
     cached = build_shared_cache(cases, cache_dir, cache_settings, workers=data.num_workers)
     patches = PatchSettings(
         data.patch_size, data.label_probabilities, data.samples_per_volume, data.augment,
-        data.scales, data.degrees,
+        data.scales, data.degrees, tuple(data.mirror_axes),
     )  # fmt: skip
     return build_loader(
         cached, patches, queue_length=data.queue_length, batch_size=data.batch_size,

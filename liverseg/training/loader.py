@@ -21,7 +21,12 @@ from torch.utils.data.distributed import DistributedSampler
 
 from liverseg.constants import CASE_ID, IMAGE, LABEL
 from liverseg.training.cache import CachedCase
-from liverseg.training.patches import extract_patch, random_affine_matrix, sample_centres
+from liverseg.training.patches import (
+    extract_patch,
+    mirror_patch,
+    random_affine_matrix,
+    sample_centres,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +63,7 @@ class PatchSettings:
     augment: bool = True
     scales: tuple[float, float] = (0.9, 1.1)
     degrees: tuple[float, float] = (-10.0, 10.0)
+    mirror_axes: tuple[int, ...] = ()
 
 
 class PatchSetDataset(tio.SubjectsDataset):
@@ -96,6 +102,8 @@ class PatchSetDataset(tio.SubjectsDataset):
             )
             for centre in centres
         ]
+        if s.mirror_axes:  # drawn only when asked: runs without mirroring keep their patches
+            patches = [mirror_patch(*patch, s.mirror_axes, rng) for patch in patches]
         affine = subject[IMAGE].affine
         return tio.Subject(
             {

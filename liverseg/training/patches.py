@@ -140,3 +140,18 @@ def extract_patch(
         for crop, mode in ((crop_image, "bilinear"), (crop_label, "nearest"))
     ]
     return sampled[0], sampled[1].to(torch.uint8)
+
+
+def mirror_patch(
+    image: torch.Tensor, label: torch.Tensor, axes: Sequence[int], rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip a patch's image and label together along each of ``axes`` with probability 0.5.
+
+    The patches are in canonical RAS order (the cache's), so axis 0 is left-right, 1
+    anterior-posterior, 2 inferior-superior: the axes that test-time mirroring flips
+    (:func:`liverseg.inference.windows.mirror_dims`).
+    """
+    flips = tuple(int(a) for a in axes if rng.random() < 0.5)
+    if not flips:
+        return image, label
+    return image.flip(flips), label.flip(flips)

@@ -11,7 +11,12 @@ from liverseg.data.splits import load_or_create_split
 from liverseg.errors import DataError
 from liverseg.training.cache import build_cache, preprocess_case
 from liverseg.training.loader import PatchSettings, build_loader
-from liverseg.training.patches import extract_patch, random_affine_matrix, sample_centres
+from liverseg.training.patches import (
+    extract_patch,
+    mirror_patch,
+    random_affine_matrix,
+    sample_centres,
+)
 
 PROBS = {BACKGROUND: 0.2, LIVER: 0.3, TUMOR: 0.5}
 
@@ -219,3 +224,39 @@ def test_rare_background_is_still_sampled_at_its_probability():
     label[10, 10, 10] = BACKGROUND
     freq, centres = centre_frequencies(label, {BACKGROUND: 0.5, LIVER: 0.5}, n=400, patch=4)
     assert abs(freq[BACKGROUND] - 0.5) < 0.08
+
+
+def test_mirroring_flips_image_and_label_together_half_the_time():
+    image = torch.arange(4 * 5 * 6, dtype=torch.float32).reshape(4, 5, 6)
+    label = (image % 3).to(torch.uint8)
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(200):
+        flipped_image, flipped_label = mirror_patch(image, label, (0, 2), rng)
+        # Which flips were made: the one combination of axes 0 and 2 that reproduces the patch.
+        made = next(
+            combo
+            for combo in ((), (0,), (2,), (0, 2))
+            if torch.equal(flipped_image, image.flip(combo) if combo else image)
+        )
+        assert torch.equal(flipped_label, label.flip(made) if made else label)
+        seen.add(made)
+    assert seen == {(), (0,), (2,), (0, 2)}  # each axis flipped at random, never axis 1
+    # No axes: no flip and no random number drawn (runs without mirroring keep their patches).
+    rng, untouched = np.random.default_rng(1), np.random.default_rng(1)
+    assert mirror_patch(image, label, (), rng)[0] is image
+    assert rng.random() == untouched.random()
+
+
+def test_mirror_axes_are_checked_and_reach_the_patches(tmp_path):
+    from liverseg.config import load_config
+    from liverseg.errors import ConfigError
+
+    assert load_config(None, ["data.mirror_axes=[0, 1, 2]"]).data.mirror_axes == (0, 1, 2)
+    assert load_config(None, []).data.mirror_axes == ()
+    for bad in ("[0, 0]", "[3]"):
+        with pytest.raises(ConfigError, match="expected distinct axes among 0"):
+            load_config(None, [f"data.mirror_axes={bad}"])
+    with pytest.raises(ConfigError, match="mirror_axes"):
+        load_config(None, ["data.mirror_axes=[true]"])
+    assert PatchSettings(16, {0: 1.0}, 1, mirror_axes=(0,)).mirror_axes == (0,)
