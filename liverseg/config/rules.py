@@ -265,8 +265,9 @@ def _mirror_problems(config: Config) -> Iterator[_Problem]:
         yield (
             ("data.mirror_axes",),
             (
-                f"{_show(config, 'data.mirror_axes')}: expected distinct axes among 0 (left-right), "
-                "1 (anterior-posterior), 2 (inferior-superior), e.g. [0, 1, 2], or [] for none"
+                f"{_show(config, 'data.mirror_axes')}: expected distinct axes among 0 "
+                "(left-right), 1 (anterior-posterior), 2 (inferior-superior), e.g. [0, 1, 2], "
+                "or [] for none"
             ),
         )
 

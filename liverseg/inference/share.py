@@ -247,7 +247,7 @@ def predict_case(
     model: torch.nn.Module | Sequence[torch.nn.Module],
     path: Path,
     case_id: str,
-    outputs: tuple[Path, Path],
+    outputs: tuple[Path, Path, Path],
     settings: InferenceSettings,
     prepared: bool = False,
     series_uid: str | None = None,
@@ -262,7 +262,7 @@ def predict_case(
         model: The network, on its device, or the networks of an ensemble.
         path: The CT (HU): a NIfTI file or a DICOM series folder.
         case_id: Name used in the report.
-        outputs: ``(NIfTI segmentation path, report path[, DICOM-SEG path])``
+        outputs: ``(NIfTI segmentation path, report path, DICOM-SEG path)``
             (:func:`case_outputs`).
         settings: How to predict; ``settings.min_lesion_mm3`` is the smallest lesion the report
             counts and ``settings.provenance`` (which checkpoint or checkpoints) is stored as
@@ -314,17 +314,12 @@ def predict_case(
     report["input"] = str(path)
     if settings.provenance is not None:
         report["model"] = dict(settings.provenance)
-    seg_path, report_path = outputs[:2]
+    seg_path, report_path, dicom_seg = outputs
     if output_format in ("nifti", "both"):
         save_nifti(prediction.labels, affine, seg_path)
     if output_format in ("dicom-seg", "both"):
         from liverseg.io.dicom_seg import write_dicom_seg  # highdicom: the `dicom` extra
 
-        dicom_seg = (
-            outputs[2]
-            if len(outputs) > 2
-            else seg_path.with_name(seg_path.name.replace(".nii.gz", ".dcm"))
-        )
         write_dicom_seg(prediction.labels, path, dicom_seg, series_uid=series_uid,
                         provenance=settings.provenance)  # fmt: skip
         report["dicom_seg"] = str(dicom_seg)

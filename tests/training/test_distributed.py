@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import tiny_runs
 import torch
 import torch.multiprocessing as mp
 import torchio as tio
@@ -25,7 +26,6 @@ from liverseg.data.cases import find_cases
 from liverseg.data.splits import validation_cases
 from liverseg.errors import ConfigError, DataError, TrainingError
 from liverseg.inference.volume import predict_volume
-from liverseg.phantoms import write_dataset
 from liverseg.training import distributed
 from liverseg.training.cache import find_cached
 from liverseg.training.cv import cross_validate
@@ -35,36 +35,21 @@ from liverseg.training.preflight import check_world_size
 from liverseg.training.run_start import build_training_state, seed_everything
 
 REPO = Path(__file__).resolve().parents[2]
-# A safety net against a hung launch, not a speed limit: the runs take seconds.
-LAUNCH_TIMEOUT_S = 240
 
 
 @pytest.fixture(scope="module")
 def phantom_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("phantoms") / "data"
-    write_dataset(root, cases=4, shape=(40, 40, 32), seed=0, test_cases=0)
-    return root
+    return tiny_runs.write_phantoms(tmp_path_factory)
+
+
+# A safety net against a hung launch, not a speed limit: the runs take seconds.
+LAUNCH_TIMEOUT_S = 240
 
 
 def tiny_overrides(root, run_dir, *extra):
-    """Three training cases of 40x40x32, two 16^3 patches each, batch 1 per process."""
-    return (
-        f"data.root={root}",
-        f"run.dir={run_dir}",
-        "data.num_train=3",
-        "data.factor=1",
-        "data.shape=[40, 40, 32]",
-        "data.patch_size=16",
-        "data.num_workers=0",
-        "data.queue_length=6",
-        "data.samples_per_volume=2",
-        "data.batch_size=1",
-        "model.features=[4, 8]",
-        "train.epochs=1",
-        "train.val_every=1",
-        "train.iterations_per_epoch=2",
-        "inference.batch_size=8",
-        *extra,
+    """The tiny run of one epoch of two iterations, batch 1 per process."""
+    return tiny_runs.tiny_overrides(
+        root, run_dir, "data.batch_size=1", "train.iterations_per_epoch=2", *extra, epochs=1
     )
 
 

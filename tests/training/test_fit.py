@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_runs import tiny_overrides, write_phantoms
 
 from liverseg.checkpoints import load_checkpoint
 from liverseg.cli import main as cli_main
@@ -24,28 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def phantom_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("phantoms") / "data"
-    write_dataset(root, cases=4, shape=(40, 40, 32), seed=0, test_cases=0)
-    return root
-
-
-def tiny_overrides(root, run_dir, *extra):
-    return (
-        f"data.root={root}",
-        f"run.dir={run_dir}",
-        "data.num_train=3",
-        "data.factor=1",
-        "data.shape=[40, 40, 32]",
-        "data.patch_size=16",
-        "data.num_workers=0",
-        "data.queue_length=6",
-        "data.samples_per_volume=2",
-        "model.features=[4, 8]",
-        "train.epochs=2",
-        "train.val_every=1",
-        "inference.batch_size=8",
-        *extra,
-    )
+    return write_phantoms(tmp_path_factory)
 
 
 def read_rows(run_dir):
