@@ -10,24 +10,26 @@ Run: ``python benchmarks/inference.py`` (minutes on 2 CPU cores; ``--quick`` for
 2. Seconds for the whole volume (patch 96, overlap 0.5, batch 2), each in the same process:
    - ``monai fp32``: ``monai.inferers.sliding_window_inference(mode="gaussian")`` on the already
      windowed tensor, then the same decoding (``losses.to_probabilities``/``to_labels``);
-   - ``liverseg fp32, every window``: ``predict_volume(amp="off", skip_air_windows=False)`` from
-     the HU image (windowing, reorientation, blending, decoding and post-processing all
-     included), the default path before air windows were skipped;
-   - ``liverseg default``: ``predict_volume`` with the default settings: ``amp="auto"`` (fp32
-     on CPU, bf16 autocast on CUDA) and windows of nothing but air skipped;
-   - ``liverseg bf16``: ``predict_volume(amp="bf16")``: bf16 autocast, channels-last 3D on CPU;
-     what ``inference.amp: bf16`` in ``configs/demo.yaml`` selects. Only on a CPU with native
-     bf16 (elsewhere oneDNN emulates it, tens of times slower) or with ``--bf16``.
-   The share of windows the default path skipped, and Dice agreement of its labels (and the bf16
-   path's) with the fp32 path's (liver incl. tumor, tumor).
+   - ``liverseg fp32, every window``: ``predict_volume(amp="off", skip_air_windows=False,
+     crop_to_body=False)`` from the HU image (windowing, reorientation, blending, decoding and
+     post-processing all included): every window of the whole volume;
+   - ``liverseg fp32, body windows``: fp32 with the default windows: laid over the body's box,
+     windows of nothing but air skipped;
+   - ``liverseg bf16, every window``: bf16 autocast (channels-last 3D on CPU), every window.
+     Only on a CPU with native bf16 (elsewhere oneDNN emulates it, tens of times slower) or with
+     ``--bf16``;
+   - ``liverseg default``: ``predict_volume`` with the default settings: ``amp="auto"`` (bf16
+     autocast on CUDA and on a CPU with native bf16, else fp32) and the body windows.
+   The share of windows the default path did not run, and Dice agreement of each path's labels
+   with the fp32 every-window path's (liver incl. tumor, tumor).
 3. With ``--images IMAGE [IMAGE ...]`` (e.g. ``liverseg phantoms OUT --cases 1 --shape 256 256
    200`` and a real CT): per image, predicted at its own resolution with the same model, the
    share of windows skipped as air and the seconds with and without skipping, and the Dice of
    the two label maps (liver incl. tumor); ``--images-only``: the brief fit and just this table.
-4. With ``--checkpoint CKPT IMAGE [IMAGE ...]`` (e.g. the demo's ``best.pt`` and its validation
-   phantoms, a model that really finds tumors): Dice agreement of the bf16 path's labels with
-   the fp32 path's for liver and tumor on each image, with that checkpoint's other settings
-   (``--agreement-only``: just this table).
+4. With ``--checkpoint CKPT IMAGE [IMAGE ...]`` (e.g. the demo's ``last.pt`` and phantoms it
+   never saw, a model that really finds tumors): Dice agreement of the default path's labels
+   (and the bf16 every-window path's) with the fp32 every-window path's for liver and tumor on
+   each image, with that checkpoint's other settings (``--agreement-only``: just this table).
 5. Peak resident memory (``VmHWM`` of a fresh subprocess) for a ``512 x 512 x 500`` int16
    NIfTI (``--quick``: ``256 x 256 x 128``) predicted on the bf16 path as ``liverseg predict``
    would with the demo's checkpoint: from the file, zoom 2.
@@ -60,7 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from liverseg.checkpoints import load_model
 from liverseg.constants import LIVER, TUMOR
-from liverseg.devices import cpu_supports_bf16
+from liverseg.devices import autocast_dtype, cpu_supports_bf16
 from liverseg.inference.postprocess import Postprocess, postprocess_labels
 from liverseg.inference.settings import InferenceSettings
 from liverseg.inference.volume import predict_volume
@@ -182,14 +184,23 @@ def measure_ram(shape: tuple[int, int, int], patch: int, threads: int) -> dict:
         return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def checkpoint_agreement(checkpoint: str, images: list[str]) -> list[tuple[str, float, float]]:
-    """Per image: Dice of the bf16 path's labels against fp32's (liver incl. tumor, tumor)."""
+def checkpoint_agreement(checkpoint: str, images: list[str]) -> list[tuple]:
+    """Per image: Dice of the default and bf16 paths' labels against fp32 every window's.
+
+    Rows: ``(name, default liver, default tumor, bf16 liver, bf16 tumor)``, liver meaning the
+    liver region incl. tumor; NaN where neither labels any tumor.
+    """
     model, settings = load_model(checkpoint, device="cpu")
+    every = settings.replace(skip_air_windows=False, crop_to_body=False)
     rows = []
     for path in images:
-        fast = predict_volume(model, path, settings.replace(amp="bf16"), prepared=True).labels
-        fp32 = predict_volume(model, path, settings.replace(amp="off"), prepared=True).labels
-        rows.append((Path(path).name, dice(fast > 0, fp32 > 0), dice(fast == TUMOR, fp32 == TUMOR)))
+        default = predict_volume(model, path, settings).labels
+        bf16 = predict_volume(model, path, every.replace(amp="bf16")).labels
+        fp32 = predict_volume(model, path, every.replace(amp="off")).labels
+        row = [Path(path).name]
+        for fast in (default, bf16):
+            row += [dice(fast > 0, fp32 > 0), dice(fast == TUMOR, fp32 == TUMOR)]
+        rows.append(tuple(row))
     return rows
 
 
@@ -200,13 +211,13 @@ def print_air_skipping(model: UNet3D, settings: InferenceSettings, images: list[
     over the voxels above ``hu_min`` (tissue: there skipping changes no probability), and the
     share of the every-window liver region that lies in air (what skipping makes background).
     """
-    print("air windows skipped (default settings) against every window run, same model:")
+    print("air windows not run (default settings) against every window run, same model:")
     print(
         f"{'image':<20}{'shape':>13}{'skipped':>9}{'s, skip':>9}{'s, all':>9}{'Dice':>8}"
         f"{'Dice tissue':>13}{'liver in air':>14}"
     )
     for path in images:
-        every = settings.replace(skip_air_windows=False)
+        every = settings.replace(skip_air_windows=False, crop_to_body=False)
         skip, skip_s = timed(lambda p=path: predict_volume(model, p, settings, prepared=True))
         full, full_s = timed(lambda p=path, s=every: predict_volume(model, p, s, prepared=True))
         tissue = read_volume(path)[0] > settings.hu_min
@@ -222,10 +233,14 @@ def print_air_skipping(model: UNet3D, settings: InferenceSettings, images: list[
 
 def print_agreement(checkpoint_and_images: list[str]) -> None:
     checkpoint, images = checkpoint_and_images[0], checkpoint_and_images[1:]
-    print(f"bf16 vs fp32 labels of {checkpoint}:")
-    print(f"{'image':<28}{'liver incl. tumor':>18}{'tumor':>8}")
-    for name, liver, tumor in checkpoint_agreement(checkpoint, images):
-        print(f"{name:<28}{liver:>18.4f}{tumor:>8.4f}")
+    print(f"Dice against the fp32 every-window labels of {checkpoint} (liver incl. tumor, tumor):")
+    print(f"{'image':<28}{'default liver':>14}{'tumor':>8}{'bf16 liver':>12}{'tumor':>8}")
+    rows = checkpoint_agreement(checkpoint, images)
+    for name, *values in rows:
+        print(f"{name:<28}{values[0]:>14.4f}{values[1]:>8.4f}{values[2]:>12.4f}{values[3]:>8.4f}")
+    if rows:
+        least = np.nanmin(np.array([r[1:] for r in rows], dtype=float), axis=0)
+        print(f"{'lowest':<28}{least[0]:>14.4f}{least[1]:>8.4f}{least[2]:>12.4f}{least[3]:>8.4f}")
 
 
 def main() -> None:
@@ -284,16 +299,18 @@ def main() -> None:
         print_air_skipping(model, settings, args.images)
         return
     bf16 = args.bf16 or cpu_supports_bf16() or torch.cuda.is_available()
+    every = settings.replace(skip_air_windows=False, crop_to_body=False)
     paths = {
-        "liverseg fp32, every window": settings.replace(amp="off", skip_air_windows=False),
-        "liverseg default": settings,
+        "liverseg fp32, every window": every.replace(amp="off"),
+        "liverseg fp32, body windows": settings.replace(amp="off"),
     }
     if bf16:
-        paths["liverseg bf16"] = settings.replace(amp="bf16")
+        paths["liverseg bf16, every window"] = every.replace(amp="bf16")
+    paths["liverseg default"] = settings
     # Warm-up (oneDNN kernel selection) on one patch for each precision.
     warm = tio.ScalarImage(tensor=torch.from_numpy(hu[:patch, :patch, :patch].copy())[None])
     for amp in ("off", "bf16") if bf16 else ("off",):
-        predict_volume(model, warm, settings.replace(amp=amp, skip_air_windows=False))
+        predict_volume(model, warm, every.replace(amp=amp))
 
     if sliding_window_inference is not None:
         reference, monai_seconds = timed(lambda: monai_labels(model, image, patch, overlap, batch))
@@ -315,9 +332,10 @@ def main() -> None:
         f"{(fp32.labels > 0).mean():.2%} of voxels (truth {(label > 0).mean():.2%}), "
         f"tumor {(fp32.labels == TUMOR).mean():.3%}"
     )
+    dtype = autocast_dtype(settings.amp, torch.device("cpu"), inference=True)
     print(
-        f"liverseg default: amp={settings.amp!r} (fp32 on CPU), air windows skipped: "
-        f"{default.skipped_share:.1%} of the windows"
+        f"liverseg default: amp={settings.amp!r} ({dtype or 'fp32'} on this CPU), windows not "
+        f"run (outside the body's box, or air): {default.skipped_share:.1%} of the whole grid's"
     )
     print()
     print(f"{'path':<40}{'seconds':>10}")
@@ -362,9 +380,10 @@ def main() -> None:
     print(
         f"speed-up liverseg default vs fp32, every window: {every_seconds / default_seconds:.2f}x"
     )
-    if bf16 and sliding_window_inference is not None:
-        bf16_seconds = results["liverseg bf16"][1]
-        print(f"speed-up bf16 vs monai fp32: {monai_seconds / bf16_seconds:.2f}x")
+    if sliding_window_inference is not None:
+        for name, (_, seconds) in results.items():
+            if name != "liverseg default":
+                print(f"speed-up {name} vs monai fp32: {monai_seconds / seconds:.2f}x")
     assert set(np.unique(default.labels)) <= {0, LIVER, TUMOR}
 
 

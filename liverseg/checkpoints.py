@@ -294,6 +294,7 @@ def inference_settings(
         amp=inference.amp,
         tta_flips=inference.tta_flips,
         skip_air_windows=inference.skip_air_windows,
+        crop_to_body=inference.crop_to_body,
         postprocess=Postprocess(
             keep_largest_liver=inference.keep_largest_liver,
             tumor_inside_liver=inference.tumor_inside_liver,

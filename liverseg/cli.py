@@ -225,7 +225,8 @@ def _add_predict_parser(sub) -> None:
     )  # fmt: skip
     p.add_argument(
         "--skip-air", action=argparse.BooleanOptionalAction, default=None,
-        help="skip sliding windows of nothing but air (default: the checkpoint's, on)",
+        help="skip the air around the body: windows over the body's box, windows of nothing "
+        "but air not run (default: the checkpoint's, on); --no-skip-air runs every window",
     )  # fmt: skip
     p.add_argument(
         "--series", default=None, metavar="UID",

@@ -1,7 +1,9 @@
 """Where a model runs and how: the device, the autocast dtype and the memory layout.
 
-``amp`` means the same for training and inference (:func:`autocast_dtype`): ``"auto"`` is mixed
-precision on CUDA only. The memory layouts differ: inference runs channels-last 3D on CPU and under
+``amp`` is resolved by one function for training and inference (:func:`autocast_dtype`):
+``"auto"`` is mixed precision on CUDA, and for inference also on a CPU that runs bf16 natively
+(AVX512-BF16 or AMX); training on a CPU stays fp32, so a run's weights do not depend on which CPU
+trained it. The memory layouts differ: inference runs channels-last 3D on CPU and under
 autocast on CUDA (:func:`uses_channels_last`); training only under autocast on CUDA
 (:func:`training_layout`).
 """
@@ -59,14 +61,20 @@ def uses_channels_last(device: torch.device, dtype: torch.dtype | None) -> bool:
     return device.type == "cpu" or dtype is not None
 
 
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+def autocast_dtype(
+    amp: str, device: torch.device, *, inference: bool = False
+) -> torch.dtype | None:
     """The autocast dtype of an ``amp`` setting (``train.amp`` or ``inference.amp``) on ``device``.
 
     Args:
-        amp: ``"auto"``: bf16 on CUDA (fp16 where the GPU lacks bf16), fp32 on CPU and MPS
-            (whether bf16 is faster there depends on the CPU: ``configs/demo.yaml`` sets it);
-            ``"bf16"`` or ``"fp16"``: that dtype on any device; ``"off"``: fp32.
+        amp: ``"auto"``: bf16 on CUDA (fp16 where the GPU lacks bf16); on a CPU, bf16 for
+            inference where the CPU runs it natively (:func:`cpu_supports_bf16`: the default
+            UNet's forward 2.9x faster than fp32, ``benchmarks/layouts.py``; labels as fp32's to
+            Dice >= 0.99, ``benchmarks/inference.py``; OpenVINO picks bf16 on such CPUs too) and
+            fp32 otherwise, and always for training; fp32 on MPS. ``"bf16"`` or ``"fp16"``:
+            that dtype on any device; ``"off"``: fp32.
         device: Where the model runs.
+        inference: Resolve for inference (True) or training (False).
 
     Returns:
         The dtype for ``torch.autocast``, or None for fp32 (no autocast).
@@ -86,6 +94,8 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
         return torch.float16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and inference and cpu_supports_bf16():
+        return torch.bfloat16
     return None
 
 

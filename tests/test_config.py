@@ -288,13 +288,14 @@ def test_train_with_a_bad_choice_exits_2_and_creates_nothing(tmp_path, capsys):
     assert "override inference.blending=hannn: " in capsys.readouterr().err
 
 
-# --- amp: one meaning for training and inference ------------------------------------------------
+# --- amp: one function for training and inference ----------------------------------------------
 
 
-def test_amp_auto_is_fp32_on_cpu_and_mps_and_forced_dtypes_apply_anywhere():
+def test_amp_auto_trains_fp32_on_cpu_and_mps_and_forced_dtypes_apply_anywhere():
     cpu, mps = torch.device("cpu"), torch.device("mps")
     assert autocast_dtype("auto", cpu) is None
     assert autocast_dtype("auto", mps) is None
+    assert autocast_dtype("auto", mps, inference=True) is None
     assert autocast_dtype("off", cpu) is None
     assert autocast_dtype("bf16", cpu) == torch.bfloat16
     assert autocast_dtype("fp16", mps) == torch.float16
@@ -326,11 +327,35 @@ class AutocastProbe(torch.nn.Module):
         return self.conv(x)
 
 
-@pytest.mark.parametrize("amp, expected", [("auto", None), ("off", None), ("bf16", torch.bfloat16)])
-def test_inference_amp_on_cpu(amp, expected):
+@pytest.mark.parametrize("native", [False, True])
+def test_amp_auto_infers_in_bf16_only_on_a_cpu_that_runs_it_natively(monkeypatch, native):
+    import liverseg.devices as devices
+
+    monkeypatch.setattr(devices, "cpu_supports_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    assert devices.autocast_dtype("auto", cpu, inference=True) == (
+        torch.bfloat16 if native else None
+    )
+    assert devices.autocast_dtype("auto", cpu) is None  # training stays fp32 on any CPU
+    assert devices.autocast_dtype("off", cpu, inference=True) is None
+
+
+@pytest.mark.parametrize(
+    "amp, native, expected",
+    [
+        ("auto", False, None),
+        ("auto", True, torch.bfloat16),
+        ("off", True, None),
+        ("bf16", False, torch.bfloat16),
+    ],
+)
+def test_inference_amp_on_cpu(monkeypatch, amp, native, expected):
+    import liverseg.devices as devices
     from liverseg.inference.settings import InferenceSettings
     from liverseg.inference.volume import predict_volume
 
+    monkeypatch.setattr(devices, "cpu_supports_bf16", lambda: native)
+    devices._warn_emulated_bf16.cache_clear()
     probe = AutocastProbe()
     image = tio.ScalarImage(tensor=torch.zeros(1, 8, 8, 8), affine=np.eye(4))
     settings = InferenceSettings(hu_min=-150, hu_max=250, patch_size=8, amp=amp, postprocess=None)

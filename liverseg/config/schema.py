@@ -87,8 +87,8 @@ class TrainConfig:
     loss: str = "bce"
     # "auto" (CUDA, MPS, CPU), "cpu", "cuda", "cuda:N" or "mps".
     device: str = "auto"
-    # The same in training and inference (liverseg.devices.autocast_dtype): "auto" is bf16
-    # autocast on CUDA (fp16 without bf16), fp32 on CPU and MPS; "bf16", "fp16", "off" force it.
+    # Resolved by liverseg.devices.autocast_dtype: "auto" is bf16 autocast on CUDA (fp16 without
+    # bf16), fp32 on CPU and MPS; "bf16", "fp16", "off" force it.
     amp: str = "auto"
     seed: int = 0
     val_every: int = 5
@@ -107,7 +107,8 @@ class InferenceConfig:
     overlap: float = 0.5
     batch_size: int = 2
     blending: str = "hann"
-    # As train.amp: "auto" is bf16/fp16 autocast on CUDA and fp32 on CPU and MPS.
+    # As train.amp, except that "auto" is also bf16 on a CPU that runs it natively (AVX512-BF16,
+    # AMX): bf16/fp16 autocast on CUDA, bf16 on such CPUs, fp32 on other CPUs and MPS.
     amp: str = "auto"
     keep_largest_liver: bool = True
     tumor_inside_liver: bool = True
@@ -116,6 +117,9 @@ class InferenceConfig:
     tta_flips: int = 1
     # Windows of nothing but air (HU <= data.hu_min) are not run; their voxels are background.
     skip_air_windows: bool = True
+    # The windows are laid over the box holding every voxel above data.hu_min (the body), not the
+    # whole field of view; voxels outside it are background.
+    crop_to_body: bool = True
 
 
 @dataclass(frozen=True)

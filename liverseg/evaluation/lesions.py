@@ -55,6 +55,35 @@ def lesions(
     return relabel[labeled], int(keep.sum())
 
 
+def ranked_lesions(
+    mask: np.ndarray, voxel_mm3: float, min_volume_mm3: float = 0.0
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Label the 26-connected components of a mask by size: lesion 1 is the largest.
+
+    The numbering of the report's lesion table and of the QC block's lesion ids; equal sizes
+    keep scan order.
+
+    Args:
+        mask: Tumor mask, shape ``(W, H, D)``.
+        voxel_mm3: Volume of one voxel, mm^3.
+        min_volume_mm3: Components smaller than this are not lesions (set to 0, counted apart).
+
+    Returns:
+        ``(labeled, voxels, small)``: int32 array of the mask's shape, 0 outside lesions and
+        1..n inside; int64 ``(n,)`` voxel counts, ``voxels[k - 1]`` that of lesion ``k``
+        (non-increasing); and how many components were smaller than ``min_volume_mm3``.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    labeled, count = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, dtype=bool))
+    sizes = np.bincount(labeled.ravel(), minlength=count + 1)
+    # Threshold on voxel count times |det| so the cut agrees with the reported volumes.
+    kept = np.flatnonzero(sizes[1:] * voxel_mm3 >= min_volume_mm3) + 1
+    order = kept[np.argsort(-sizes[kept], kind="stable")]
+    relabel = np.zeros(count + 1, dtype=np.int32)
+    relabel[order] = np.arange(1, order.size + 1, dtype=np.int32)
+    return relabel[labeled], sizes[order].astype(np.int64), int(count - order.size)
+
+
 def lesion_detection(
     pred_tumor: np.ndarray,
     truth_tumor: np.ndarray,

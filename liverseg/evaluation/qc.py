@@ -16,8 +16,13 @@ Uncertainty
 Plausibility
     A liver volume outside an adult range; a liver cut by the scan's border (incomplete
     coverage); several liver components of similar size before post-processing kept the
-    largest; a tumor burden above a share of the liver; an untrustworthy voxel size, and the
-    data doctor's warnings about implausible CT values (:mod:`liverseg.data.intensities`).
+    largest; a tumor burden above a share of the liver; more lesions than a liver plausibly
+    holds (a poor model's scattered specks); an untrustworthy voxel size, and the data doctor's
+    warnings about implausible CT values (:mod:`liverseg.data.intensities`).
+
+Lesions are numbered as the report's lesion table numbers them (1 = largest,
+:func:`liverseg.evaluation.lesions.ranked_lesions`): the block counts every lesion and every
+low-confidence one, and names at most a few of the latter, the largest first.
 
 Research use only: "ok" means none of these signs was seen, not that the segmentation is right.
 """
@@ -31,6 +36,7 @@ from scipy import ndimage
 
 from liverseg.constants import BACKGROUND, TUMOR
 from liverseg.errors import DataError
+from liverseg.evaluation.lesions import ranked_lesions
 from liverseg.evaluation.metrics import bounding_box
 from liverseg.geometry import axial_axis, checked_affine, spacing_is_trustworthy, voxel_volume_mm3
 
@@ -66,8 +72,16 @@ class QcThresholds:
             entropies were set on phantoms with the demo model (see the comment below).
         tumor_entropy: Mean entropy (bits) of the tumor-region probability over the predicted
             tumor above which the model is uncertain; None: not checked.
-        lesion_confidence: Lesions whose mean tumor probability is below this are listed in
+        lesion_confidence: Lesions whose mean tumor probability is below this are
+            low-confidence: counted in ``low_confidence_lesion_count`` and named in
             ``low_confidence_lesions`` (for the reader; not a reason for review by itself).
+        low_confidence_ids: At most this many low-confidence lesions are named, the largest
+            first; the count covers them all.
+        max_lesions: More lesions than this asks for review; None: not checked. Default 50:
+            ten times the 5 target lesions RECIST 1.1 has a reader measure (Eisenhauer et al.,
+            Eur J Cancer 2009;45:228-47), more than anyone checks one by one, and from a
+            segmentation model far more often scattered false-positive specks than disease; a
+            liver with that many true lesions deserves a reader's look anyway.
     """
 
     liver_ml_range: tuple[float, float] = (500.0, 3700.0)
@@ -80,6 +94,8 @@ class QcThresholds:
     liver_entropy: float | None = 0.237
     tumor_entropy: float | None = 0.721
     lesion_confidence: float = 0.6
+    low_confidence_ids: int = 20
+    max_lesions: int | None = 50
 
 
 def mean_entropy(quantised: np.ndarray, mask: np.ndarray) -> float | None:
@@ -94,7 +110,7 @@ def case_qc(
     regions: np.ndarray | None = None,
     warnings: list[str] | tuple[str, ...] = (),
     thresholds: QcThresholds = QcThresholds(),
-    lesions: list[dict] | None = None,
+    min_lesion_mm3: float = 10.0,
 ) -> dict:
     """The QC block of a case report: ``status``, ``reasons`` and the measures behind them.
 
@@ -105,13 +121,17 @@ def case_qc(
             (then no uncertainty and no component measure: they are None).
         warnings: The data doctor's warnings about the input's CT values; each is a reason.
         thresholds: When to ask for review.
-        lesions: The report's lesion table (with ``confidence``), for
-            ``low_confidence_lesions``.
+        min_lesion_mm3: Tumor components smaller than this (mm^3) are not lesions; the report's
+            ``min_tumor_mm3``, so that lesion numbers agree with its table.
 
     Returns:
         ``{"status", "reasons", "liver_volume_ml", "liver_border_fraction",
         "liver_component_ratio", "tumor_liver_percent", "liver_entropy", "tumor_entropy",
-        "low_confidence_lesions", "thresholds"}``, JSON-serialisable.
+        "lesion_count", "low_confidence_lesion_count", "low_confidence_lesions",
+        "thresholds"}``, JSON-serialisable. ``low_confidence_lesion_count`` is None without
+        ``regions`` (then ``low_confidence_lesions`` is empty); ``low_confidence_lesions``
+        holds the numbers of at most ``thresholds.low_confidence_ids`` of them, the largest
+        first.
     """
     labels = np.asarray(labels)
     affine = checked_affine(affine)
@@ -119,7 +139,8 @@ def case_qc(
         raise DataError(f"region probabilities {regions.shape} do not match labels {labels.shape}")
     liver = labels != BACKGROUND
     tumor = labels == TUMOR
-    voxel_ml = voxel_volume_mm3(affine) / 1000.0
+    voxel_mm3 = voxel_volume_mm3(affine)
+    voxel_ml = voxel_mm3 / 1000.0
     liver_ml = float(np.count_nonzero(liver) * voxel_ml)
     tumor_percent = 100.0 * np.count_nonzero(tumor) / max(np.count_nonzero(liver), 1)
     border, border_where = _border_fraction(liver, affine)
@@ -130,12 +151,7 @@ def case_qc(
         "tumor_liver_percent": float(tumor_percent),
         "liver_entropy": None if regions is None else mean_entropy(regions[0], liver),
         "tumor_entropy": None if regions is None else mean_entropy(regions[1], tumor),
-        "low_confidence_lesions": [
-            row["lesion"]
-            for row in lesions or []
-            if row.get("confidence") is not None
-            and row["confidence"] < thresholds.lesion_confidence
-        ],
+        **_lesion_measures(tumor, voxel_mm3, regions, thresholds, min_lesion_mm3),
     }
     reasons = _reasons(measures, border_where, thresholds)
     reasons += [f"CT values: {warning}" for warning in warnings]
@@ -152,6 +168,35 @@ def case_qc(
 def summary_text(qc: dict) -> str:
     """One line for ``summary.csv``: ``ok`` or ``review: reason; reason``."""
     return qc["status"] if not qc["reasons"] else f"{qc['status']}: " + "; ".join(qc["reasons"])
+
+
+def _lesion_measures(
+    tumor: np.ndarray,
+    voxel_mm3: float,
+    regions: np.ndarray | None,
+    thresholds: QcThresholds,
+    min_lesion_mm3: float,
+) -> dict:
+    """``lesion_count``, ``low_confidence_lesion_count`` and ``low_confidence_lesions``."""
+    measures = {
+        "lesion_count": 0,
+        "low_confidence_lesion_count": None if regions is None else 0,
+        "low_confidence_lesions": [],
+    }
+    if not tumor.any():
+        return measures
+    box = bounding_box(tumor)
+    labeled, voxels, _ = ranked_lesions(tumor[box], voxel_mm3, min_lesion_mm3)
+    measures["lesion_count"] = int(voxels.size)
+    if regions is None or not voxels.size:
+        return measures
+    inside = labeled > 0
+    sums = np.bincount(labeled[inside], weights=regions[1][box][inside], minlength=voxels.size + 1)
+    confidence = sums[1:] / voxels / 255.0
+    low = np.flatnonzero(confidence < thresholds.lesion_confidence) + 1
+    measures["low_confidence_lesion_count"] = int(low.size)
+    measures["low_confidence_lesions"] = low[: thresholds.low_confidence_ids].tolist()
+    return measures
 
 
 def _reasons(measures: dict, border_where: str, thresholds: QcThresholds) -> list[str]:
@@ -173,6 +218,11 @@ def _reasons(measures: dict, border_where: str, thresholds: QcThresholds) -> lis
         reasons.append(f"several liver components of similar size (second/largest {ratio:.2f})")
     if measures["tumor_liver_percent"] >= thresholds.tumor_percent:
         reasons.append(f"tumor burden {measures['tumor_liver_percent']:.0f}% of the liver")
+    count, limit = measures["lesion_count"], thresholds.max_lesions
+    if limit is not None and count > limit:
+        low = measures["low_confidence_lesion_count"]
+        low_text = "" if low is None else f" ({low} low-confidence)"
+        reasons.append(f"{count} lesions{low_text}: more than {limit} is implausible")
     for name, limit in (("liver", thresholds.liver_entropy), ("tumor", thresholds.tumor_entropy)):
         value = measures[f"{name}_entropy"]
         if limit is not None and value is not None and value > limit:

@@ -4,7 +4,11 @@ Everything is computed from a label volume and its 4 x 4 voxel-to-scanner affine
 
 - voxel volume ``|det(affine[:3, :3])|`` mm^3; volumes are voxel counts times it, / 1000 for mL;
 - the axial axis is the voxel axis whose direction is most aligned with scanner z;
-- lesions are 26-connected tumor components of at least ``min_tumor_mm3``;
+- lesions are 26-connected tumor components of at least ``min_tumor_mm3``, numbered by size
+  (1 = largest); the table lists the largest ``max_listed_lesions`` (default 100) and states how
+  many were left out and their volume, so a poor model's thousands of specks do not bury the
+  lesions that matter. Counts and volumes (tumor burden, lesion count) are always over all
+  lesions;
 - diameters are RECIST-like: in the axial slice where the lesion has most voxels, the longest
   chord between lesion voxel centres, and the longest chord perpendicular to it, on the affine's
   real geometry (:func:`liverseg.geometry.axial_diameters`, also what ``liverseg evaluate``
@@ -21,8 +25,8 @@ import numpy as np
 from scipy import ndimage
 
 from liverseg.constants import BACKGROUND, LIVER, TUMOR
-from liverseg.errors import DataError
-from liverseg.evaluation.lesions import lesions
+from liverseg.errors import DataError, LiversegError
+from liverseg.evaluation.lesions import ranked_lesions
 from liverseg.evaluation.metrics import bounding_box
 from liverseg.evaluation.qc import mean_entropy, summary_text
 from liverseg.geometry import (
@@ -42,6 +46,8 @@ UNTRUSTED_SPACING_WARNING = (
     "(e.g. Task03 cases 28-47 from 3D-IRCADb): volumes in mL, diameters in mm and the lesion size "
     "threshold are unreliable for this case"
 )
+# A table a reader can go through; the lesions beyond it are counted and their volume given.
+MAX_LISTED_LESIONS = 100
 
 
 def lesion_table(
@@ -50,6 +56,7 @@ def lesion_table(
     image_hu: np.ndarray | None = None,
     min_tumor_mm3: float = 10.0,
     regions: np.ndarray | None = None,
+    max_lesions: int | None = None,
 ) -> list[dict]:
     """One row per tumor lesion, largest first.
 
@@ -62,6 +69,7 @@ def lesion_table(
         regions: uint8 ``(2, W, H, D)`` region probabilities ``round(255 p)`` (liver incl.
             tumor, tumor; :func:`liverseg.inference.volume.predict_volume` with
             ``keep_regions=True``), or None.
+        max_lesions: Measure only the largest this many lesions; None: all.
 
     Returns:
         Dicts with ``lesion`` (1 = largest), ``voxels``, ``volume_ml``, ``long_axis_mm``,
@@ -71,7 +79,7 @@ def lesion_table(
         mean tumor probability over the lesion, 0-1) and ``entropy`` (its mean binary entropy,
         bits; both None without ``regions``).
     """
-    return _lesion_rows(labels, affine, image_hu, min_tumor_mm3, regions)[0]
+    return _lesion_rows(labels, affine, image_hu, min_tumor_mm3, regions, max_lesions)[0]
 
 
 def case_report(
@@ -81,6 +89,7 @@ def case_report(
     min_tumor_mm3: float = 10.0,
     case_id: str | None = None,
     regions: np.ndarray | None = None,
+    max_listed_lesions: int | None = MAX_LISTED_LESIONS,
 ) -> dict:
     """Liver and tumor volumes, tumor burden and the lesion table of one case, JSON-serialisable.
 
@@ -93,11 +102,18 @@ def case_report(
         case_id: Name to put in the report.
         regions: uint8 region probabilities (see :func:`lesion_table`), or None: the lesions'
             ``confidence`` and ``entropy``.
+        max_listed_lesions: The table (``lesions``) lists the largest this many lesions; the
+            others are counted in ``lesions_not_listed`` with their total volume in
+            ``lesions_not_listed_volume_ml``. None: list them all.
 
     Returns:
         A dict of plain Python values; undefined numbers (tumor/liver ratio without liver) are
-        None. ``warnings`` lists reasons to distrust the numbers; ``disclaimer`` is always
+        None. ``lesion_count`` and ``tumor_burden_ml`` cover every lesion, listed or not.
+        ``warnings`` lists reasons to distrust the numbers; ``disclaimer`` is always
         "research use only, not for diagnosis". :func:`format_report` renders it as text.
+
+    Raises:
+        LiversegError: ``max_listed_lesions`` is not a whole number >= 0 or None.
     """
     labels = _as_labels(labels)
     affine = checked_affine(affine)
@@ -106,7 +122,9 @@ def case_report(
     tumor_voxels = int(np.count_nonzero(labels == TUMOR))
     liver_incl_ml = (liver_voxels + tumor_voxels) * voxel_mm3 / 1000.0
     tumor_ml = tumor_voxels * voxel_mm3 / 1000.0
-    rows, small = _lesion_rows(labels, affine, image_hu, min_tumor_mm3, regions)
+    rows, voxels, small = _lesion_rows(
+        labels, affine, image_hu, min_tumor_mm3, regions, max_listed_lesions
+    )
     trusted = spacing_is_trustworthy(affine)
     warnings = [] if trusted else [UNTRUSTED_SPACING_WARNING]
     if tumor_voxels and liver_voxels == 0:
@@ -127,8 +145,11 @@ def case_report(
             100.0 * tumor_ml / liver_incl_ml if liver_incl_ml > 0 else None
         ),
         "min_lesion_volume_mm3": float(min_tumor_mm3),
-        "lesion_count": len(rows),
+        "lesion_count": int(voxels.size),
         "small_tumor_components_excluded": small,
+        "max_listed_lesions": None if max_listed_lesions is None else int(max_listed_lesions),
+        "lesions_not_listed": int(voxels.size - len(rows)),
+        "lesions_not_listed_volume_ml": float(voxels[len(rows) :].sum() * voxel_mm3 / 1000.0),
         "lesions": rows,
     }
 
@@ -149,6 +170,12 @@ def format_report(report: dict) -> str:
         f"lesions >= {report['min_lesion_volume_mm3']:g} mm^3: {report['lesion_count']}"
         f" ({report['small_tumor_components_excluded']} smaller tumor components not counted)",
     ]
+    not_listed = report.get("lesions_not_listed", 0)
+    if not_listed:
+        lines.append(
+            f"  the {len(report['lesions'])} largest listed; {not_listed} smaller lesions "
+            f"({report['lesions_not_listed_volume_ml']:.2f} mL in all) not listed"
+        )
     for row in report["lesions"]:
         hu = "" if row["mean_hu"] is None else f", mean {row['mean_hu']:.0f} HU"
         if row.get("confidence") is not None:
@@ -168,19 +195,19 @@ def _lesion_rows(
     image_hu: np.ndarray | None,
     min_tumor_mm3: float,
     regions: np.ndarray | None = None,
-) -> tuple[list[dict], int]:
-    """The lesion table and the number of tumor components below ``min_tumor_mm3``."""
+    max_rows: int | None = None,
+) -> tuple[list[dict], np.ndarray, int]:
+    """The rows of the largest ``max_rows`` lesions (None: all), every lesion's voxel count
+    (largest first) and the number of tumor components below ``min_tumor_mm3``."""
+    if max_rows is not None and (
+        isinstance(max_rows, bool) or not isinstance(max_rows, int | np.integer)
+    ):
+        raise LiversegError(f"max_listed_lesions={max_rows!r}: expected a whole number or None")
+    if max_rows is not None and max_rows < 0:
+        raise LiversegError(f"max_listed_lesions={max_rows}: expected 0 or more (None: all)")
     labels = _as_labels(labels)
     affine = checked_affine(affine)
-    if image_hu is not None:
-        image_hu = np.asarray(image_hu)
-        if image_hu.ndim == 4 and image_hu.shape[0] == 1:
-            image_hu = image_hu[0]
-        if image_hu.shape != labels.shape:
-            raise DataError(
-                f"CT shape {image_hu.shape} differs from label shape {labels.shape}; "
-                "pass the CT the labels were drawn on"
-            )
+    image_hu = _checked_hu(image_hu, labels.shape)
     tumor_probability = None
     if regions is not None:
         if regions.shape != (2, *labels.shape):
@@ -191,31 +218,37 @@ def _lesion_rows(
     voxel_mm3 = voxel_volume_mm3(affine)
     tumor = labels == TUMOR
     if not tumor.any():
-        return [], 0
+        return [], np.zeros(0, dtype=np.int64), 0
     box = bounding_box(tumor)
     offset = np.array([s.start for s in box])
-    labeled, count = lesions(tumor[box], voxel_mm3)
-    # Threshold on voxel count times |det| so the cut agrees with the reported volumes.
-    keep = np.bincount(labeled.ravel(), minlength=count + 1) * voxel_mm3 >= min_tumor_mm3
+    labeled, voxels, small = ranked_lesions(tumor[box], voxel_mm3, min_tumor_mm3)
+    listed = voxels.size if max_rows is None else min(int(max_rows), voxels.size)
     rows = []
-    for index, region in enumerate(ndimage.find_objects(labeled), start=1):
-        if region is None or not keep[index]:
-            continue
+    # find_objects reads a max_label of 0 as "all labels".
+    regions_listed = ndimage.find_objects(labeled, listed) if listed else []
+    for number, region in enumerate(regions_listed, start=1):
         crop_region = tuple(slice(s.start + o, s.stop + o) for s, o in zip(region, offset))
-        rows.append(
-            _lesion_row(
-                labeled[region] == index,
-                crop_region,
-                affine,
-                image_hu,
-                tumor_probability,
-                voxel_mm3,
-            )
+        row = _lesion_row(
+            labeled[region] == number, crop_region, affine, image_hu, tumor_probability, voxel_mm3
         )
-    rows.sort(key=lambda row: -row["voxels"])
-    for number, row in enumerate(rows, start=1):
         row["lesion"] = number
-    return rows, count - len(rows)
+        rows.append(row)
+    return rows, voxels, small
+
+
+def _checked_hu(image_hu: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The CT as a ``shape`` array (a leading channel of 1 dropped), or None."""
+    if image_hu is None:
+        return None
+    image_hu = np.asarray(image_hu)
+    if image_hu.ndim == 4 and image_hu.shape[0] == 1:
+        image_hu = image_hu[0]
+    if image_hu.shape != shape:
+        raise DataError(
+            f"CT shape {image_hu.shape} differs from label shape {shape}; "
+            "pass the CT the labels were drawn on"
+        )
+    return image_hu
 
 
 def _lesion_row(

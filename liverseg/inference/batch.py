@@ -112,8 +112,9 @@ def predict_paths(
             ``LOCAL_RANK`` (``auto``, ``cuda``) or the CPU (``cpu``).
         tta_flips: Test-time mirroring passes (1, 2, 4 or 8); None: the checkpoint's
             ``inference.tta_flips``.
-        skip_air_windows: Whether windows of nothing but air are skipped; None: the
-            checkpoint's ``inference.skip_air_windows``.
+        skip_air_windows: True: skip the air around the body (windows over the body's box,
+            windows of nothing but air not run); False: run every window of the whole volume;
+            None: the checkpoint's ``inference.skip_air_windows`` and ``crop_to_body``.
         series_uid: The ``SeriesInstanceUID`` read from each DICOM folder (a folder without
             it fails); None: each folder's CT series with the most slices.
         qc: When each report's quality control (``qc`` block, ``qc`` column) asks for review

@@ -38,8 +38,10 @@ class InferenceSettings:
         overlap: Fraction of a patch shared with its neighbour along each axis, in [0, 1).
         batch_size: Patches per forward pass.
         blending: ``"hann"`` or ``"average"`` weighting of overlapping patch probabilities.
-        amp: ``"auto"`` (bf16 autocast on CUDA, fp16 where bf16 is unsupported; fp32 on CPU and
-            MPS), ``"bf16"``/``"fp16"`` (that autocast dtype on any device) or ``"off"`` (fp32).
+        amp: ``"auto"`` (bf16 autocast on CUDA, fp16 where bf16 is unsupported; bf16 on a CPU
+            that runs it natively, fp32 on other CPUs and MPS:
+            :func:`liverseg.devices.autocast_dtype`), ``"bf16"``/``"fp16"`` (that autocast dtype
+            on any device) or ``"off"`` (fp32).
         tta_flips: Test-time mirroring: each window is also predicted mirrored and the
             probabilities averaged: 1 (none), 2 (left-right), 4 (and anterior-posterior), 8 (and
             inferior-superior: nnU-Net's 8). Costs that many forward passes.
@@ -47,6 +49,11 @@ class InferenceSettings:
             ``hu_min``, what the model sees as one constant); their voxels get background, and
             every other voxel the same probabilities as without skipping
             (:mod:`liverseg.inference.windows`).
+        crop_to_body: Lay the windows over the smallest box holding every voxel above
+            ``hu_min`` instead of the whole volume (:func:`liverseg.inference.windows.body_box`):
+            fewer windows where the field of view is larger than the body; voxels outside the
+            box get background. The windows move, so labels agree with the whole grid's to
+            Dice >= 0.99 rather than exactly.
         postprocess: Post-processing steps (:class:`Postprocess`), or None for none.
         provenance: Which checkpoint these settings came from (``checkpoint``, ``epoch``,
             ``liverseg_version``; an ensemble's: ``{"ensemble": [one such dict per
@@ -65,6 +72,7 @@ class InferenceSettings:
     amp: str = "auto"
     tta_flips: int = 1
     skip_air_windows: bool = True
+    crop_to_body: bool = True
     postprocess: Postprocess | None = Postprocess()
     provenance: dict | None = field(default=None, compare=False)
 
@@ -96,10 +104,9 @@ class InferenceSettings:
             )
         if not 0 <= self.overlap < 1:
             problems.append(f"overlap must be a fraction in [0, 1), got {self.overlap}")
-        if not isinstance(self.skip_air_windows, bool):
-            problems.append(
-                f"skip_air_windows must be true or false, got {self.skip_air_windows!r}"
-            )
+        for name in ("skip_air_windows", "crop_to_body"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{name} must be true or false, got {getattr(self, name)!r}")
         if problems:
             raise LiversegError("invalid inference settings: " + "; ".join(problems))
 
@@ -136,6 +143,7 @@ RUN_FIELDS = (
     "amp",
     "tta_flips",
     "skip_air_windows",
+    "crop_to_body",
     "postprocess",
     "provenance",
 )

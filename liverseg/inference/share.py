@@ -58,7 +58,9 @@ class PredictJob:
         out_dir: The output folder.
         prepared: The inputs were reduced by ``liverseg prepare``.
         tta_flips: Mirrored passes; None: the checkpoint's.
-        skip_air_windows: Skip windows of air; None: the checkpoint's.
+        skip_air_windows: Skip the air around the body (windows over the body's box, windows of
+            nothing but air not run) or run every window of the whole volume; None: the
+            checkpoint's ``skip_air_windows`` and ``crop_to_body``.
         series_uid: The series to read from DICOM folders; None: the CT series with most slices.
         qc: When the quality control asks for review; None: the defaults.
         progress: A progress bar over each volume's windows (in one process only).
@@ -122,7 +124,8 @@ def load_job_models(
     if job.tta_flips is not None:
         settings = settings.replace(tta_flips=job.tta_flips)
     if job.skip_air_windows is not None:
-        settings = settings.replace(skip_air_windows=job.skip_air_windows)
+        air = job.skip_air_windows
+        settings = settings.replace(skip_air_windows=air, crop_to_body=air)
     return models, settings
 
 
@@ -308,7 +311,7 @@ def predict_case(
         prediction.regions,
         prediction.warnings,
         qc or QcThresholds(),
-        report["lesions"],
+        settings.min_lesion_mm3,
     )
     report["warnings"] = [*prediction.warnings, *report["warnings"]]
     report["input"] = str(path)

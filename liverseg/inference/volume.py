@@ -137,7 +137,7 @@ def predict_volume(
     for warning in warnings:
         log.warning("%s: %s", source_name(image), warning)
     device = _target_device(models[0], device)
-    dtype = autocast_dtype(settings.amp, device)
+    dtype = autocast_dtype(settings.amp, device, inference=True)
     channels_last = uses_channels_last(device, dtype)
     reduced, reduced_affine, centres = _model_grid(hu, affine, settings, prepared)
     with contextlib.ExitStack() as stack:

@@ -33,6 +33,7 @@ from liverseg.torchrun import (  # noqa: F401 - also this module's names
     SETUP_TIMEOUT_ENV,
     join_failure,
     launched,
+    rank_env,
     timeout_s,
 )
 
@@ -83,7 +84,7 @@ def _rank_device(name: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def init_from_env(device_name: str) -> torch.device:
+def init_from_env(device_name: str, init_method: str | None = None) -> torch.device:
     """Join torchrun's process group (once per process) and return this rank's device.
 
     Without ``WORLD_SIZE`` in the environment nothing is started: the device of ``device_name``
@@ -91,6 +92,10 @@ def init_from_env(device_name: str) -> torch.device:
 
     Args:
         device_name: ``train.device``; under torchrun ``auto``, ``cuda`` or ``cpu``.
+        init_method: Where the ranks meet. None: torchrun's ``MASTER_ADDR`` and ``MASTER_PORT``
+            (``env://``). ``"file:///path"``: a file none of them has created yet, on a file
+            system they all see, with ``RANK`` and ``WORLD_SIZE`` from the environment; no port
+            to pick, so nothing another process can take in between (what the tests use).
 
     Raises:
         ConfigError: A device that names one GPU (``cuda:1``) or MPS under torchrun, more ranks
@@ -110,7 +115,7 @@ def init_from_env(device_name: str) -> torch.device:
         setup = timedelta(seconds=timeout_s(SETUP_TIMEOUT_ENV, DEFAULT_SETUP_TIMEOUT_S))
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        _join("nccl" if device.type == "cuda" else "gloo", timeout)
+        _join("nccl" if device.type == "cuda" else "gloo", timeout, init_method)
         _waits = dist.new_group(backend="gloo", timeout=setup)
         atexit.register(_leave)
         log.info(
@@ -132,10 +137,17 @@ def log_global_batch(batch_size: int) -> None:
     )  # fmt: skip
 
 
-def _join(backend: str, timeout: timedelta) -> None:
+def _join(backend: str, timeout: timedelta, init_method: str | None = None) -> None:
     """``init_process_group`` from torchrun's variables, its failures as one clear error."""
     try:
-        dist.init_process_group(backend, timeout=timeout)
+        if init_method is None:
+            dist.init_process_group(backend, timeout=timeout)
+        else:
+            env = rank_env()
+            dist.init_process_group(
+                backend, init_method=init_method, rank=env.rank, world_size=env.world_size,
+                timeout=timeout,
+            )  # fmt: skip
     except (ValueError, RuntimeError) as exc:
         raise TrainingError(
             f"cannot join the {backend} process group {join_failure(exc)}; start training with "

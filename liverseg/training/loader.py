@@ -20,7 +20,7 @@ import torchio as tio
 from torch.utils.data.distributed import DistributedSampler
 
 from liverseg.constants import CASE_ID, IMAGE, LABEL
-from liverseg.training.cache import CachedCase
+from liverseg.training.cache import CachedCase, load_class_locations
 from liverseg.training.patches import (
     extract_patch,
     mirror_patch,
@@ -71,11 +71,13 @@ class PatchSetDataset(tio.SubjectsDataset):
 
     The item is a Subject whose ``image``/``label`` hold the patches as channels, shape
     (samples_per_volume, P, P, P); :class:`PackedPatchSampler` hands them to the Queue one by one.
-    Cutting in the DataLoader workers keeps the main process free for the model.
+    Cutting in the DataLoader workers keeps the main process free for the model. Centres are
+    drawn from the cached class locations, memory-mapped like the arrays.
     """
 
     def __init__(self, cached: Sequence[CachedCase], settings: PatchSettings, seed: int = 0):
         super().__init__([build_subject(c) for c in cached])
+        self.locations = [load_class_locations(c) for c in cached]
         self.settings = settings
         self.seed = seed
 
@@ -91,24 +93,22 @@ class PatchSetDataset(tio.SubjectsDataset):
         image = subject[IMAGE].data[0].numpy()
         label = subject[LABEL].data[0].numpy()
         spacing = subject[IMAGE].spacing
-        centres = sample_centres(label, s.patch_size, s.probabilities, s.samples_per_volume, rng)
-        patches = [
-            extract_patch(
-                image,
-                label,
-                centre,
-                s.patch_size,
-                random_affine_matrix(s.scales, s.degrees, spacing, rng) if s.augment else None,
-            )
-            for centre in centres
-        ]
+        centres = sample_centres(
+            label, s.patch_size, s.probabilities, s.samples_per_volume, rng, self.locations[index]
+        )
+        shape = (s.samples_per_volume, *(s.patch_size,) * 3)
+        images, labels = torch.empty(shape), torch.empty(shape, dtype=torch.uint8)
+        for i, centre in enumerate(centres):
+            matrix = random_affine_matrix(s.scales, s.degrees, spacing, rng) if s.augment else None
+            extract_patch(image, label, centre, s.patch_size, matrix, out=(images[i], labels[i]))
         if s.mirror_axes:  # drawn only when asked: runs without mirroring keep their patches
-            patches = [mirror_patch(*patch, s.mirror_axes, rng) for patch in patches]
+            for i in range(s.samples_per_volume):
+                images[i], labels[i] = mirror_patch(images[i], labels[i], s.mirror_axes, rng)
         affine = subject[IMAGE].affine
         return tio.Subject(
             {
-                IMAGE: tio.ScalarImage(tensor=torch.stack([p[0] for p in patches]), affine=affine),
-                LABEL: tio.LabelMap(tensor=torch.stack([p[1] for p in patches]), affine=affine),
+                IMAGE: tio.ScalarImage(tensor=images, affine=affine),
+                LABEL: tio.LabelMap(tensor=labels, affine=affine),
                 CASE_ID: subject[CASE_ID],
             }
         )
@@ -133,6 +133,38 @@ class PackedPatchSampler(tio.data.PatchSampler):
                     CASE_ID: subject[CASE_ID],
                 }
             )
+
+
+class PatchQueue(tio.Queue):
+    """A ``tio.Queue`` whose DataLoader workers live from one pass over the subjects to the next.
+
+    ``tio.Queue`` builds a new DataLoader for every pass, so every pass forks its workers anew;
+    each new worker then pays again to map the cached arrays and its buffers into its memory
+    (tens of thousands of page faults), which over a few volumes per pass costs as much as a
+    third of the workers' time. Here one DataLoader with persistent workers serves every pass.
+    The passes draw from the main process's RNG as before (the order of the subjects); each
+    worker's RNG is seeded once, when the workers start, from the main process's RNG, and a
+    resumed run starts new workers from the restored one.
+    """
+
+    # The DataLoader every pass shares, built at the first pass (None without workers).
+    subjects_loader: torch.utils.data.DataLoader | None = None
+
+    def _get_subjects_iterable(self) -> Iterator:
+        if self.num_workers == 0:
+            return super()._get_subjects_iterable()
+        if self.subjects_loader is None:
+            self.subjects_loader = torch.utils.data.DataLoader(
+                self.subjects_dataset,
+                num_workers=self.num_workers,
+                batch_size=1,
+                collate_fn=self._get_first_item,
+                sampler=self.subject_sampler,
+                shuffle=self.shuffle_subjects,
+                persistent_workers=True,
+            )
+        self._num_sampled_subjects = 0
+        return iter(self.subjects_loader)
 
 
 class RankShareSampler(DistributedSampler):
@@ -191,6 +223,8 @@ def build_loader(
 ) -> torch.utils.data.DataLoader:
     """tio.SubjectsDataset -> LabelSampler-style patches -> tio.Queue -> DataLoader.
 
+    The Queue is a :class:`PatchQueue`: its workers persist from one pass to the next.
+
     With ``world_size`` > 1 the Queue reads rank ``rank``'s share of the volumes
     (:class:`RankShareSampler`; call :func:`set_loader_epoch` each epoch); ``queue_length`` and
     ``batch_size`` are this rank's.
@@ -201,7 +235,7 @@ def build_loader(
     """
     dataset = PatchSetDataset(cached, settings, seed=seed)
     sampler = RankShareSampler(dataset, world_size, rank, seed) if world_size > 1 else None
-    queue = tio.Queue(
+    queue = PatchQueue(
         dataset,
         max_length=max(queue_length, settings.samples_per_volume),
         samples_per_volume=settings.samples_per_volume,

@@ -53,6 +53,9 @@ def test_writes_segmentation_report_and_summary(tmp_path, checkpoint):
     assert set(np.unique(np.asarray(seg.dataobj))) <= {BACKGROUND, LIVER, TUMOR}
     report = json.loads((out / "liver_7_report.json").read_text())
     assert report["case_id"] == "liver_7"
+    # QC counts lesions with the report's minimum size, so its lesion numbers are the table's
+    assert report["qc"]["lesion_count"] == report["lesion_count"]
+    assert report["lesions_not_listed"] == max(report["lesion_count"] - 100, 0)
     assert report["model"] == {
         "checkpoint": str(checkpoint),
         "epoch": 1,

@@ -10,7 +10,6 @@ import multiprocessing
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -164,17 +163,13 @@ def test_a_worker_that_dies_ends_the_run_naming_it(runs, tmp_path):
     assert summary_parts(out) == []
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_ranks_share_the_cases(runs, tmp_path):
     out = tmp_path / "out"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-        f"--master_port={free_port()}", "-m", "liverseg", "predict",
+        # --standalone: the launcher's store takes a port the system gives it, none found free
+        # and released first, which another test run could take in between.
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "liverseg", "predict",
         "--checkpoint", str(runs.checkpoint), *map(str, runs.good[:3]), "--out", str(out),
         "--device", "cpu",
     ]  # fmt: skip

@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from collections import Counter
@@ -53,17 +52,16 @@ def tiny_overrides(root, run_dir, *extra):
     )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(script: Path, *args, env_extra=None) -> subprocess.CompletedProcess:
-    """``python -m torch.distributed.run --nproc_per_node=2 SCRIPT ARGS`` on a free port."""
+    """``python -m torch.distributed.run --standalone --nproc_per_node=2 SCRIPT ARGS``.
+
+    ``--standalone``: the launcher's store listens on a port the system gives it (port 0) and
+    the ranks join that store, so no port is picked, released and taken by another test run
+    before it is bound (as ``--master_port`` of a port found free would be).
+    """
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-        f"--master_port={free_port()}", str(script), *map(str, args),
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        str(script), *map(str, args),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env_extra or {})}
     return subprocess.run(
@@ -127,13 +125,15 @@ def train_fixed(batches: list[dict], loss: str, model_wrapper=lambda m, d: m):
     return model, mean
 
 
-def ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+def ddp_worker(rank: int, world: int, rendezvous: str, out: str) -> None:
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world), LIVERSEG_DIST_TIMEOUT_S="60",
-    )  # fmt: skip
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LIVERSEG_DIST_TIMEOUT_S="60"
+    )
     torch.set_num_threads(1)
-    distributed.init_from_env("cpu")
+    # A file of this test's own, not a port found free: a port is released before rank 0 binds
+    # it, and another run's process (or store) can take it in between; then one rank fails to
+    # bind while the other joins a stranger's store, and gloo aborts (SIGABRT).
+    distributed.init_from_env("cpu", init_method=f"file://{rendezvous}")
     mine = rank_batches(fixed_batches(3), rank, world)
     for loss in LOSSES:
         model, mean = train_fixed(mine, loss, distributed.wrap_model)
@@ -149,7 +149,8 @@ def refuse_on_rank_0():
 
 
 def test_two_ranks_of_batch_1_step_as_one_process_of_batch_2(tmp_path):
-    mp.spawn(ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    rendezvous = tmp_path / "rendezvous"
+    mp.spawn(ddp_worker, args=(2, str(rendezvous), str(tmp_path)), nprocs=2, join=True)
     seed_everything(0)
     config = load_config(None, ("model.features=[4, 8]",))
     fresh = build_training_state(config, torch.device("cpu"), None)[0].state_dict()
@@ -225,9 +226,10 @@ def test_two_process_run_writes_each_file_once_from_rank_0(ddp_run):
         assert name in names
     assert {"checkpoints/last.pt", "checkpoints/best.pt"} <= names
     assert any(p.startswith("predictions/") and p.endswith("_seg.nii.gz") for p in names)
-    # each rank preprocessed its share of the 2 training cases: 3 files per case, once each
+    # each rank preprocessed its share of the 2 training cases: 4 files per case (image, label,
+    # class locations, meta), once each
     cache = [(rank, p) for rank, p in writes if p.parent.name == "cache"]
-    assert Counter(rank for rank, _ in cache) == {0: 3, 1: 3}
+    assert Counter(rank for rank, _ in cache) == {0: 4, 1: 4}
     assert "global batch 2 (1 x 2)" in result.stderr
     assert "rank 1 of 2" in result.stderr and "rank 0 of 2" in result.stderr
     assert [r["epoch"] for r in read_rows(run_dir)] == ["1"]

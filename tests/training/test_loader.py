@@ -9,9 +9,10 @@ from liverseg.constants import BACKGROUND, LIVER, TUMOR
 from liverseg.data.cases import Case
 from liverseg.data.splits import load_or_create_split
 from liverseg.errors import DataError
-from liverseg.training.cache import build_cache, preprocess_case
+from liverseg.training.cache import build_cache, load_class_locations, preprocess_case
 from liverseg.training.loader import PatchSettings, build_loader
 from liverseg.training.patches import (
+    class_locations,
     extract_patch,
     mirror_patch,
     random_affine_matrix,
@@ -209,6 +210,54 @@ def test_seed_sized_patches_follow_probabilities(tmp_path):
     batch = next(iter(loader))
     assert batch["image"]["data"].shape == (5, 1, 96, 96, 96)
     assert batch["label"]["data"].shape == (5, 1, 96, 96, 96)
+
+
+def test_cache_lists_each_class_voxels_and_rebuilds_damaged_lists(tmp_path, caplog):
+    label = toy_label((24, 24, 16))
+    case = write_case(tmp_path, "liver_1", label, np.eye(4))
+    cached = preprocess_case(case, tmp_path / "cache", SETTINGS)
+    cached_label = np.load(cached.label)
+    assert cached_label.flags.c_contiguous  # NIfTI's Fortran order is not kept
+    expected = class_locations(cached_label)
+    found = load_class_locations(cached)
+    assert sorted(found) == sorted(expected) == [LIVER, TUMOR]
+    for c in expected:
+        assert np.array_equal(found[c], expected[c])
+    whole = cached.locations.read_bytes()
+    cached.locations.write_bytes(whole[: len(whole) - 8])
+    again = preprocess_case(case, tmp_path / "cache", SETTINGS)
+    assert again.locations.read_bytes() == whole
+    assert any("is damaged" in r.message for r in caplog.records)
+
+
+def test_label_free_case_draws_background_centres_only(tmp_path):
+    case = write_case(tmp_path, "liver_1", np.zeros((24, 24, 16), np.uint8), np.eye(4))
+    cached = preprocess_case(case, tmp_path / "cache", SETTINGS)
+    assert load_class_locations(cached) == {} and cached.class_counts == ()
+    label = np.load(cached.label, mmap_mode="r")
+    centres = sample_centres(label, 16, PROBS, 20, np.random.default_rng(0), {})
+    assert (label[tuple(centres.T)] == BACKGROUND).all()
+
+
+def test_workers_reproduce_patches_from_the_seed_without_replaying_them(tmp_path):
+    label = toy_label((24, 24, 20))
+    cases = [write_case(tmp_path, f"liver_{i}", label, np.eye(4)) for i in range(3)]
+    cached = build_cache(cases, tmp_path / "cache", {**SETTINGS, "shape": [24, 24, 20]})
+    settings = PatchSettings(8, PROBS, samples_per_volume=2, augment=True)
+
+    def three_passes():
+        torch.manual_seed(0)
+        loader = build_loader(cached, settings, queue_length=6, batch_size=2, num_workers=2)
+        batches = [batch["image"]["data"] for _ in range(3) for batch in loader]
+        # one DataLoader, its workers kept, serves every pass (torchio would fork new ones)
+        assert loader.dataset.subjects_loader.persistent_workers
+        return batches
+
+    first, second = three_passes(), three_passes()
+    assert len(first) == 3 * 3  # 3 passes over 3 volumes, 2 patches each, batches of 2
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    patches = torch.cat(first).flatten(1)
+    assert len(torch.unique(patches, dim=0)) == len(patches)  # no patch drawn twice
 
 
 def test_trailing_singleton_axis_is_read_as_3d(tmp_path):
